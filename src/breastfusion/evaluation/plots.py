@@ -1,0 +1,76 @@
+"""ROC curves and confusion matrices as PNG (patient level, validation folds pooled)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
+
+from ..vocab import CLASS_NAMES  # noqa: E402
+from .aggregate import PROBA_COLUMNS  # noqa: E402
+
+COLOURS = ("#2b8cbe", "#41ab5d", "#e34a33")
+
+
+def _grid(n: int, size: float = 3.6):
+    cols = min(n, 3)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(size * cols, size * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    return fig, list(axes.flat[:n])
+
+
+def plot_roc(patients: Sequence[tuple[str, pd.DataFrame]], path: str | Path) -> Path:
+    """One panel per row: one-vs-rest ROC of each class from patient mean probabilities."""
+    fig, axes = _grid(len(patients))
+    for ax, (name, table) in zip(axes, patients, strict=True):
+        y = table["label"].to_numpy()
+        for k, cls in enumerate(CLASS_NAMES):
+            positive = y == k
+            if positive.all() or not positive.any():
+                continue
+            score = table[PROBA_COLUMNS[k]].to_numpy()
+            fpr, tpr, _ = roc_curve(positive, score)
+            ax.plot(fpr, tpr, color=COLOURS[k], label=f"{cls} (AUC {roc_auc_score(positive, score):.2f})")
+        ax.plot([0, 1], [0, 1], ls=":", color="grey", lw=0.8)
+        ax.set(title=name, xlabel="1 - specificity", ylabel="sensitivity", xlim=(0, 1), ylim=(0, 1.01))
+        ax.legend(loc="lower right", fontsize=7)
+    fig.suptitle("Patient-level ROC, validation folds pooled", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_confusion(matrices: Sequence[tuple[str, list[list[int]]]], path: str | Path) -> Path:
+    fig, axes = _grid(len(matrices), size=3.2)
+    for ax, (name, cm) in zip(axes, matrices, strict=True):
+        arr = np.asarray(cm, dtype=float)
+        norm = arr / np.maximum(arr.sum(axis=1, keepdims=True), 1)
+        ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+        for i in range(arr.shape[0]):
+            for j in range(arr.shape[1]):
+                ax.text(j, i, f"{int(arr[i, j])}", ha="center", va="center",
+                        color="white" if norm[i, j] > 0.5 else "black", fontsize=9)
+        ax.set_xticks(range(len(CLASS_NAMES)), CLASS_NAMES, fontsize=8)
+        ax.set_yticks(range(len(CLASS_NAMES)), CLASS_NAMES, fontsize=8)
+        ax.set(title=name, xlabel="predicted", ylabel="true")
+    fig.suptitle("Patient-level confusion (majority vote), all folds", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,93 @@
+"""An experiment: several named configurations (rows), each cross-validated on one manifest.
+
+Run folder::
+
+    config.yaml        every row's full RunConfig
+    command.txt        the command line that made it
+    metrics.json       {"rows": [...], "provenance": {...}}
+    report.md          Table 3 layout + per-row detail
+    roc.png, confusion.png
+    rows/<name>/       folds/fold_K/{predictions.csv, fit.json},
+                       predictions_instances.csv, predictions_patients.csv
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+
+from .config import RunConfig, to_dict
+from .errors import ConfigError
+from .evaluation.aggregate import aggregate
+from .evaluation.plots import plot_confusion, plot_roc
+from .evaluation.report import describe_row, evaluate_predictions, report_markdown
+from .provenance import git_commit, machine, now, versions
+from .records import Manifest
+from .training.cv import cross_validate, prepare
+
+
+def row_dirname(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "row"
+
+
+def run_experiment(manifest: Manifest, rows: Sequence[RunConfig], out_dir: str | os.PathLike,
+                   title: str = "breastfusion experiment", command: str = "",
+                   progress: bool = True) -> dict:
+    names = [r.name for r in rows]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"row names must be unique: {names}")
+    for row in rows:
+        row.validate()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _write(out / "config.yaml", yaml.safe_dump({"rows": [to_dict(r) for r in rows]}, sort_keys=False))
+    _write(out / "command.txt", command + "\n")
+    started = time.time()
+    results, patients = [], []
+    for row in rows:
+        t0 = time.time()
+        row_dir = out / "rows" / row_dirname(row.name)
+        if progress:
+            print(f"[{row.name}] cross-validating ({row.cv.folds} folds, {row.train.mode} mode)", flush=True)
+        instances = cross_validate(manifest, row, row_dir, progress=progress)
+        patient_table = aggregate(instances, "vote")
+        instances.to_csv(row_dir / "predictions_instances.csv", index=False)
+        patient_table.to_csv(row_dir / "predictions_patients.csv", index=False)
+        entry = describe_row(row)
+        entry.update(evaluate_predictions(instances))
+        entry["excluded_cases"] = dict(prepare(manifest, row).skipped)
+        entry["seconds"] = round(time.time() - t0, 1)
+        results.append(entry)
+        patients.append((row.name, aggregate(instances, "mean")))
+        if progress:
+            auc = entry["patient"]["auc"]
+            print(f"[{row.name}] patient AUC " + ", ".join(
+                f"{c} {auc[c]['mean']:.3f}" for c in auc) + f" ({entry['seconds']} s)", flush=True)
+    provenance = {
+        "command": command or "(python API)",
+        "manifest": f"{manifest.source} ({len(manifest)} images, {len(manifest.cases())} cases, "
+                    f"hash {manifest.content_hash()}, classes {manifest.class_counts()})",
+        "git commit": git_commit(),
+        "versions": ", ".join(f"{k} {v}" for k, v in versions().items()),
+        "machine": machine(),
+        "finished": now(),
+        "wall time": f"{time.time() - started:.0f} s",
+    }
+    metrics = {"rows": results, "provenance": provenance}
+    _write(out / "metrics.json", json.dumps(metrics, indent=1, allow_nan=True))
+    _write(out / "report.md", report_markdown(title, results, provenance))
+    plot_roc(patients, out / "roc.png")
+    plot_confusion([(r["name"], r["patient"]["confusion"]) for r in results], out / "confusion.png")
+    return metrics
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,135 @@
+"""The whole network: backbones per modality -> branches -> ArcFace -> fusion -> 3 logits.
+
+`FusionHead` is everything after the backbones; it is what cached-feature
+training trains. `BreastFusionNet` puts the backbones in front of the same
+head, for fine-tuning and for inference on images. Both modes therefore share
+one model definition.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from ..vocab import N_CLASSES, Modality
+from .arcface import ArcMarginHead
+from .attention import l2_normalize
+from .backbones import Backbone, build_backbone
+from .branches import MGBranch, USBranch, mlp
+from .fusion import ConcatFusion, CrossAttentionFusion
+
+
+@dataclass
+class NetOutput:
+    logits: torch.Tensor  # (B, 3)
+    embeddings: dict[Modality, torch.Tensor] = field(default_factory=dict)  # (B, 256) per branch
+    arc_logits: dict[Modality, torch.Tensor] = field(default_factory=dict)  # ArcFace head, per branch
+    view_weights: torch.Tensor | None = None  # (B, V) MG view attention
+
+
+class FusionHead(nn.Module):
+    def __init__(self, cfg: ModelConfig, feat_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        self.modalities = cfg.modality_set
+        slope, drop, emb = cfg.leaky_slope, cfg.dropout, cfg.embedding_dim
+        self.mg = self.us = None
+        if Modality.MG in self.modalities:
+            self.mg = MGBranch(feat_dim, cfg.branch_dims, cfg.view_attention_dim, emb, cfg.arcface, slope, drop)
+        if Modality.US in self.modalities:
+            self.us = USBranch(feat_dim, cfg.branch_dims, emb, cfg.arcface, slope, drop)
+        self.arc_heads = nn.ModuleDict()
+        if cfg.arcface:
+            for m in self.modalities:
+                self.arc_heads[m.value] = ArcMarginHead(emb, N_CLASSES, cfg.arcface_scale, cfg.arcface_margin)
+        if cfg.multimodal:
+            if cfg.fusion == "concat":
+                self.classifier = ConcatFusion(emb, cfg.fusion_dims, slope, drop)
+            else:
+                self.classifier = CrossAttentionFusion(emb, cfg.attention_tokens, cfg.attention_heads,
+                                                       cfg.fusion_dims, slope, drop)
+        else:
+            self.classifier = mlp([emb, *cfg.head_dims, N_CLASSES], slope, drop, last_activation=False)
+
+    def forward(self, mg_feat: torch.Tensor | None = None, mg_mask: torch.Tensor | None = None,
+                us_feat: torch.Tensor | None = None, target: torch.Tensor | None = None) -> NetOutput:
+        out = NetOutput(logits=torch.empty(0))
+        if self.mg is not None:
+            if mg_feat is None or mg_mask is None:
+                raise ValueError("this model needs MG features and a view mask")
+            out.embeddings[Modality.MG], out.view_weights = self.mg(mg_feat, mg_mask)
+        if self.us is not None:
+            if us_feat is None:
+                raise ValueError("this model needs US features")
+            out.embeddings[Modality.US] = self.us(us_feat)
+        for name, head in self.arc_heads.items():
+            out.arc_logits[Modality(name)] = head(out.embeddings[Modality(name)], target)
+        if self.cfg.multimodal:
+            f_mg, f_us = out.embeddings[Modality.MG], out.embeddings[Modality.US]
+            if self.cfg.l2_normalize:
+                f_mg, f_us = l2_normalize(f_mg), l2_normalize(f_us)
+            out.logits = self.classifier(f_mg, f_us)
+        else:
+            (only,) = out.embeddings.values()
+            out.logits = self.classifier(only)
+        return out
+
+
+class BreastFusionNet(nn.Module):
+    """Images in, logits out. MG views of a case share one backbone; US has its own."""
+
+    def __init__(self, cfg: ModelConfig, backbones: dict[Modality, Backbone] | None = None):
+        super().__init__()
+        self.cfg = cfg
+        backbones = backbones or {m: build_backbone(cfg.backbone) for m in cfg.modality_set}
+        self.mg_backbone = backbones.get(Modality.MG)
+        self.us_backbone = backbones.get(Modality.US)
+        feat_dim = next(iter(backbones.values())).out_dim
+        self.head = FusionHead(cfg, feat_dim)
+
+    def backbone(self, modality: Modality) -> Backbone:
+        found = self.mg_backbone if modality is Modality.MG else self.us_backbone
+        if found is None:
+            raise ValueError(f"this model has no {modality.value} branch")
+        return found
+
+    def encode_mg(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, V, C, H, W) views -> (B, V, D) features; only present views go through the CNN."""
+        b, v = mask.shape
+        mask = mask.to(torch.bool)
+        present = self.mg_backbone(images[mask])
+        feats = present.new_zeros(b, v, present.shape[-1])
+        feats[mask] = present
+        return feats
+
+    def encode_us(self, images: torch.Tensor) -> torch.Tensor:
+        return self.us_backbone(images)
+
+    def forward(self, batch: dict[str, torch.Tensor], target: torch.Tensor | None = None) -> NetOutput:
+        """`batch` holds images ("mg", "mg_mask", "us") or cached features ("mg_feat", "us_feat")."""
+        return self.head(**features_of(batch, self), target=target)
+
+
+def features_of(batch: dict[str, torch.Tensor], net: BreastFusionNet | None) -> dict[str, torch.Tensor]:
+    """The head's inputs for a batch: cached features as they are, images through the backbones."""
+    out: dict[str, torch.Tensor] = {}
+    if "mg_mask" in batch:
+        out["mg_mask"] = batch["mg_mask"]
+        out["mg_feat"] = batch["mg_feat"] if "mg_feat" in batch else net.encode_mg(batch["mg"], batch["mg_mask"])
+    if "us_feat" in batch or "us" in batch:
+        out["us_feat"] = batch["us_feat"] if "us_feat" in batch else net.encode_us(batch["us"])
+    return out
+
+
+class HeadOnly(nn.Module):
+    """The head alone, fed cached features: what cached-feature training trains."""
+
+    def __init__(self, head: FusionHead):
+        super().__init__()
+        self.head = head
+
+    def forward(self, batch: dict[str, torch.Tensor], target: torch.Tensor | None = None) -> NetOutput:
+        return self.head(**features_of(batch, None), target=target)

@@ -1,0 +1,1 @@
+"""Preprocessing: image file -> fixed-size grey array in [0, 1] that the models take."""

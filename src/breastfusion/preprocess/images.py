@@ -1,0 +1,59 @@
+"""Reading an image file and bringing it to the model's square input size.
+
+Aspect ratio is kept by padding with the background value (0) before
+resizing (method.md, MG preprocessing: "keep aspect ratio by padding").
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import InputImageError
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """What a preprocessed image is: its side in pixels. Part of every cache key."""
+
+    size: int = 224
+
+    def key(self) -> dict:
+        return asdict(self)
+
+
+def read_grey(path: str) -> np.ndarray:
+    """Read an image file as a 2D float32 array scaled to [0, 1]."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+                arr = np.asarray(img, dtype=np.float32)
+                top = 65535.0 if arr.max() > 255 else 255.0
+                return np.clip(arr / top, 0.0, 1.0)
+            return np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise InputImageError(f"{path}: cannot read image ({exc.__class__.__name__}: {exc})") from None
+
+
+def pad_to_square(arr: np.ndarray) -> np.ndarray:
+    h, w = arr.shape
+    side = max(h, w)
+    out = np.zeros((side, side), dtype=arr.dtype)
+    top, left = (side - h) // 2, (side - w) // 2
+    out[top:top + h, left:left + w] = arr
+    return out
+
+
+def resize(arr: np.ndarray, size: int) -> np.ndarray:
+    if arr.shape == (size, size):
+        return arr.astype(np.float32, copy=False)
+    img = Image.fromarray(arr.astype(np.float32), mode="F")
+    return np.asarray(img.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
+
+
+def load_image(path: str, spec: ImageSpec) -> np.ndarray:
+    """File -> (size, size) float32 array in [0, 1]."""
+    return np.clip(resize(pad_to_square(read_grey(path)), spec.size), 0.0, 1.0)

@@ -1,0 +1,108 @@
+"""Named configurations: the demo's three rows and every row of the paper's Table 3.
+
+Each ablation is a RunConfig that differs from the reference (MM
+concatenation, all four MG images, ArcFace) exactly in what its name says.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+from .config import BackboneConfig, ModelConfig, RunConfig, TrainConfig
+from .errors import ConfigError
+from .vocab import MG_SLOTS, Kind
+
+
+def paper_reference() -> RunConfig:
+    """The paper's MM concatenation model with its training settings (GPU scale)."""
+    return RunConfig(name="concat MM", model=ModelConfig(), train=TrainConfig())
+
+
+def cpu_reference(image_size: int = 128, epochs: int = 60, copies: int = 2) -> RunConfig:
+    """Cached frozen EfficientNet-Lite0 ImageNet features: fits a 2-core CPU."""
+    return RunConfig(
+        name="concat MM",
+        model=ModelConfig(backbone=BackboneConfig(name="efficientnet_lite0", weights="imagenet",
+                                                  frozen="all", image_size=image_size)),
+        train=TrainConfig(mode="cached", epochs=epochs, batch_size=32, feature_copies=copies),
+    )
+
+
+def _variant(base: RunConfig, name: str, edit: Callable[[RunConfig], None]) -> RunConfig:
+    cfg = copy.deepcopy(base)
+    cfg.name = name
+    edit(cfg)
+    return cfg
+
+
+def _us_only(c):
+    c.model.modalities = ["US"]
+
+
+def _mg_only(c):
+    c.model.modalities = ["MG"]
+
+
+def _no_synth(c):
+    c.model.mg_slots = [s.name for s in MG_SLOTS if s.kind is Kind.STANDARD]
+
+
+def _no_arcface(c):
+    c.model.arcface = False
+
+
+def _cross(c):
+    c.model.fusion = "cross_attention"
+
+
+def _googlenet(c):
+    c.model.backbone.name = "googlenet"
+    c.model.arcface = False
+
+
+def _chain(*edits):
+    def edit(c):
+        for e in edits:
+            e(c)
+    return edit
+
+
+TABLE3: tuple[tuple[str, Callable[[RunConfig], None]], ...] = (
+    ("single US", _us_only),
+    ("single MG", _mg_only),
+    ("single MG without C-View", _chain(_mg_only, _no_synth)),
+    ("concat MM", lambda c: None),
+    ("concat MM without C-View", _no_synth),
+    ("concat MM without ArcFace", _no_arcface),
+    ("cross-attn MM", _cross),
+    ("cross-attn MM without ArcFace", _chain(_cross, _no_arcface)),
+    ("cross-attn MM single head", _chain(_cross, lambda c: setattr(c.model, "attention_heads", 1))),
+    ("cross-attn MM L2-normalised", _chain(_cross, lambda c: setattr(c.model, "l2_normalize", True))),
+    ("GoogLeNet MM", _googlenet),
+    ("GoogLeNet MM without C-View", _chain(_googlenet, _no_synth)),
+)
+
+DEMO = ("single US", "single MG", "concat MM")
+
+
+def table3_rows(base: RunConfig | None = None) -> list[RunConfig]:
+    base = base or paper_reference()
+    return [_variant(base, name, edit) for name, edit in TABLE3]
+
+
+def demo_rows(base: RunConfig | None = None) -> list[RunConfig]:
+    return [r for r in table3_rows(base or cpu_reference()) if r.name in DEMO]
+
+
+PRESETS: dict[str, Callable[[], list[RunConfig]]] = {
+    "demo": demo_rows,
+    "table3": lambda: table3_rows(paper_reference()),
+    "table3-cpu": lambda: table3_rows(cpu_reference()),
+}
+
+
+def preset(name: str) -> list[RunConfig]:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    return PRESETS[name]()

@@ -1,0 +1,1 @@
+"""Instances, folds, data loading, feature cache, the training loop and cross-validation."""

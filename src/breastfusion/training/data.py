@@ -1,0 +1,101 @@
+"""Datasets of instances: images (fine-tune mode) or cached backbone features.
+
+A batch is a dict: "mg" (B, V, 1, S, S) + "mg_mask" (B, V) for MG models,
+"us" (B, 1, S, S) for US models, "label" (B,), "index" (B,). The feature
+variant holds "mg_feat" (B, V, D) and "us_feat" (B, D) instead of images.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..preprocess.images import ImageSpec, load_image
+from .augment import Augment
+from .instances import Instance
+
+
+def item_rng(seed: int, epoch: int, index: int, salt: str = "") -> np.random.Generator:
+    """A generator that depends only on (seed, epoch, item, salt): order-independent."""
+    return np.random.default_rng([seed, epoch, index, zlib.crc32(salt.encode())])
+
+
+class _InstanceDataset(Dataset):
+    def __init__(self, instances: Sequence[Instance], train: bool, seed: int = 0):
+        self.instances = list(instances)
+        self.train = train
+        self.seed = seed
+        self.epoch = 0
+        self.uses_mg = any(inst.mg for inst in self.instances)
+        self.uses_us = any(inst.us is not None for inst in self.instances)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.instances)
+
+    def _common(self, index: int) -> dict[str, torch.Tensor]:
+        inst = self.instances[index]
+        item = {"index": torch.tensor(index),
+                "label": torch.tensor(inst.label.index if inst.label is not None else -1)}
+        if self.uses_mg:
+            item["mg_mask"] = torch.tensor(inst.mg_mask, dtype=torch.bool)
+        return item
+
+
+class ImageInstances(_InstanceDataset):
+    """Loads and (in training) augments every image of an instance."""
+
+    def __init__(self, instances: Sequence[Instance], spec: ImageSpec, train: bool,
+                 augment: Augment | None = None, seed: int = 0):
+        super().__init__(instances, train, seed)
+        self.spec = spec
+        self.augment = augment if train else None
+
+    def _image(self, path: str | None, rng: np.random.Generator) -> torch.Tensor:
+        if path is None:
+            return torch.zeros(1, self.spec.size, self.spec.size)
+        img = torch.from_numpy(load_image(path, self.spec)).unsqueeze(0)
+        return self.augment(img, rng) if self.augment is not None else img
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        inst = self.instances[index]
+        rng = item_rng(self.seed, self.epoch, index)
+        item = self._common(index)
+        if self.uses_mg:
+            item["mg"] = torch.stack([self._image(r.path if r else None, rng) for r in inst.mg])
+        if self.uses_us:
+            item["us"] = self._image(inst.us.path, rng)
+        return item
+
+
+class FeatureInstances(_InstanceDataset):
+    """Serves cached backbone features; in training a random augmented copy per image."""
+
+    def __init__(self, instances: Sequence[Instance], features: dict[str, np.ndarray], train: bool,
+                 seed: int = 0):
+        super().__init__(instances, train, seed)
+        self.features = features
+        self.dim = next(iter(features.values())).shape[-1]
+
+    def _feat(self, path: str | None, rng: np.random.Generator) -> torch.Tensor:
+        if path is None:
+            return torch.zeros(self.dim)
+        copies = self.features[path]
+        k = int(rng.integers(len(copies))) if self.train else 0
+        return torch.from_numpy(np.asarray(copies[k], dtype=np.float32))
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        inst = self.instances[index]
+        rng = item_rng(self.seed, self.epoch, index)
+        item = self._common(index)
+        if self.uses_mg:
+            item["mg_feat"] = torch.stack([self._feat(r.path if r else None, rng) for r in inst.mg])
+        if self.uses_us:
+            item["us_feat"] = self._feat(inst.us.path, rng)
+        return item
