@@ -110,16 +110,17 @@ class BreastFusionNet(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor], target: torch.Tensor | None = None) -> NetOutput:
         """`batch` holds images ("mg", "mg_mask", "us") or cached features ("mg_feat", "us_feat")."""
-        return self.head(**features_of(batch, self), target=target)
+        return self.head(**features_of(batch, self.head.modalities, self), target=target)
 
 
-def features_of(batch: dict[str, torch.Tensor], net: BreastFusionNet | None) -> dict[str, torch.Tensor]:
+def features_of(batch: dict[str, torch.Tensor], modalities, net: BreastFusionNet | None = None
+                ) -> dict[str, torch.Tensor]:
     """The head's inputs for a batch: cached features as they are, images through the backbones."""
     out: dict[str, torch.Tensor] = {}
-    if "mg_mask" in batch:
-        out["mg_mask"] = batch["mg_mask"]
-        out["mg_feat"] = batch["mg_feat"] if "mg_feat" in batch else net.encode_mg(batch["mg"], batch["mg_mask"])
-    if "us_feat" in batch or "us" in batch:
+    if Modality.MG in modalities:
+        mask = out["mg_mask"] = batch["mg_mask"]
+        out["mg_feat"] = batch["mg_feat"] if "mg_feat" in batch else net.encode_mg(batch["mg"], mask)
+    if Modality.US in modalities:
         out["us_feat"] = batch["us_feat"] if "us_feat" in batch else net.encode_us(batch["us"])
     return out
 
@@ -132,4 +133,4 @@ class HeadOnly(nn.Module):
         self.head = head
 
     def forward(self, batch: dict[str, torch.Tensor], target: torch.Tensor | None = None) -> NetOutput:
-        return self.head(**features_of(batch, None), target=target)
+        return self.head(**features_of(batch, self.head.modalities), target=target)

@@ -1,0 +1,83 @@
+import dataclasses
+
+import pytest
+
+from breastfusion.config import RunConfig, from_dict, load_run_config, save_yaml, to_dict
+from breastfusion.errors import ConfigError
+from breastfusion.presets import cpu_reference, demo_rows, paper_reference, table3_rows
+
+
+def test_yaml_round_trip(tmp_path):
+    for cfg in table3_rows(cpu_reference()):
+        path = save_yaml(cfg, tmp_path / "c.yaml")
+        assert load_run_config(path) == cfg
+
+
+def test_paper_defaults():
+    cfg = paper_reference()
+    m, t = cfg.model, cfg.train
+    assert m.backbone.name == "resnet50" and m.backbone.frozen == "layer1" and m.backbone.weights == "imagenet"
+    assert m.branch_dims == [1024, 512] and m.embedding_dim == 256 and m.head_dims == [128, 64]
+    assert (m.arcface_scale, m.arcface_margin) == (30.0, 0.5)
+    assert t.optimizer == "sgd" and t.lr == 1e-3 and t.epochs == 100
+    assert cfg.cv.folds == 10 and cfg.cv.test_folds == 2
+    assert m.mg_slots == ["CC-2D", "MLO-2D", "CC-synthesized", "MLO-synthesized"]
+
+
+def test_unknown_key_and_bad_values_are_clear_errors():
+    with pytest.raises(ConfigError, match="model.colour"):
+        from_dict(RunConfig, {"model": {"colour": 1}})
+    with pytest.raises(ConfigError, match="fusion"):
+        from_dict(RunConfig, {"model": {"fusion": "sum"}}).validate()
+    with pytest.raises(ConfigError, match="unknown modality"):
+        from_dict(RunConfig, {"model": {"modalities": ["CT"]}}).validate()
+    with pytest.raises(ConfigError, match="frozen: all"):
+        from_dict(RunConfig, {"train": {"mode": "cached"}}).validate()
+
+
+def _flat(cfg, prefix=""):
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(_flat(value, f"{prefix}{f.name}."))
+        else:
+            out[prefix + f.name] = value
+    return out
+
+
+EXPECTED_DIFFS = {
+    "single US": {"model.modalities"},
+    "single MG": {"model.modalities"},
+    "single MG without C-View": {"model.modalities", "model.mg_slots"},
+    "concat MM": set(),
+    "concat MM without C-View": {"model.mg_slots"},
+    "concat MM without ArcFace": {"model.arcface"},
+    "cross-attn MM": {"model.fusion"},
+    "cross-attn MM without ArcFace": {"model.fusion", "model.arcface"},
+    "cross-attn MM single head": {"model.fusion", "model.attention_heads"},
+    "cross-attn MM L2-normalised": {"model.fusion", "model.l2_normalize"},
+    "GoogLeNet MM": {"model.backbone.name", "model.arcface"},
+    "GoogLeNet MM without C-View": {"model.backbone.name", "model.arcface", "model.mg_slots"},
+}
+
+
+@pytest.mark.parametrize("base", [paper_reference(), cpu_reference()])
+def test_each_table3_row_differs_from_reference_exactly_in_its_name(base):
+    rows = table3_rows(base)
+    assert [r.name for r in rows] == list(EXPECTED_DIFFS)
+    ref = _flat(base)
+    for row in rows:
+        row.validate()
+        flat = _flat(row)
+        diff = {k for k in ref if k != "name" and flat[k] != ref[k]}
+        assert diff == EXPECTED_DIFFS[row.name], row.name
+    no_synth = next(r for r in rows if r.name == "single MG without C-View")
+    assert no_synth.model.mg_slots == ["CC-2D", "MLO-2D"]
+
+
+def test_demo_rows_are_us_mg_and_concat():
+    rows = demo_rows()
+    assert [r.name for r in rows] == ["single US", "single MG", "concat MM"]
+    assert all(r.train.mode == "cached" and r.model.backbone.frozen == "all" for r in rows)
+    assert to_dict(rows[2])["model"]["fusion"] == "concat"
