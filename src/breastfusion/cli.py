@@ -120,8 +120,9 @@ def experiment(config: str, manifest: str, out_dir: str, epochs: int | None, fol
 @click.option("-o", "--out", "out_dir", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
 @click.option("--patients", default=300, show_default=True)
 @click.option("--epochs", type=int, default=None)
+@click.option("--lr", type=float, default=None)
 @click.option("--quiet", is_flag=True)
-def demo(out_dir: str, patients: int, epochs: int | None, quiet: bool) -> None:
+def demo(out_dir: str, patients: int, epochs: int | None, lr: float | None, quiet: bool) -> None:
     """Synthetic cohort + 10-fold CV of US only, MG only and MM concatenation."""
     from .datasets.synthetic import SynthConfig, generate_cohort
     from .experiment import run_experiment
@@ -137,6 +138,8 @@ def demo(out_dir: str, patients: int, epochs: int | None, quiet: bool) -> None:
     for r in rows:
         if epochs is not None:
             r.train.epochs = epochs
+        if lr is not None:
+            r.train.lr = lr
     run_experiment(read_manifest(data / "manifest.csv"), rows, out, title="breastfusion demo (synthetic cohort)",
                    command=_command_line(), progress=not quiet)
     click.echo(f"report: {out / 'report.md'}  (metrics.json, roc.png, confusion.png beside it)")
