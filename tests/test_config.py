@@ -81,3 +81,17 @@ def test_demo_rows_are_us_mg_and_concat():
     assert [r.name for r in rows] == ["single US", "single MG", "concat MM"]
     assert all(r.train.mode == "cached" and r.model.backbone.frozen == "all" for r in rows)
     assert to_dict(rows[2])["model"]["fusion"] == "concat"
+
+
+@pytest.mark.parametrize("name", ["demo", "table3", "table3-cpu"])
+def test_shipped_config_files_match_presets(name):
+    """configs/*.yaml are the presets written out; `breastfusion experiment configs/X.yaml` runs them."""
+    from pathlib import Path
+
+    import yaml
+
+    from breastfusion.presets import preset
+
+    path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"
+    rows = [from_dict(RunConfig, r).validate() for r in yaml.safe_load(path.read_text())["rows"]]
+    assert rows == preset(name)
