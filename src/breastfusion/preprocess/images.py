@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from ..errors import InputImageError
+from ..ingest.pixels import read_pixels
 
 
 @dataclass(frozen=True)
@@ -25,17 +25,8 @@ class ImageSpec:
 
 
 def read_grey(path: str) -> np.ndarray:
-    """Read an image file as a 2D float32 array scaled to [0, 1]."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = np.asarray(img, dtype=np.float32)
-                top = 65535.0 if arr.max() > 255 else 255.0
-                return np.clip(arr / top, 0.0, 1.0)
-            return np.asarray(img.convert("L"), dtype=np.float32) / 255.0
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
-        raise InputImageError(f"{path}: cannot read image ({exc.__class__.__name__}: {exc})") from None
+    """Read a DICOM or image file as a 2D float32 array scaled to [0, 1] (see ingest.pixels)."""
+    return read_pixels(path)
 
 
 def pad_to_square(arr: np.ndarray) -> np.ndarray:
