@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -48,6 +49,56 @@ def synth(out_dir: str, patients: int, size: int, seed: int) -> None:
     records = generate_cohort(out_dir, SynthConfig(n_patients=patients, image_size=size, seed=seed),
                               progress=True)
     click.echo(f"{len(records)} images of {patients} patients -> {Path(out_dir) / 'manifest.csv'}")
+
+
+@main.command()
+@click.argument("root", type=click.Path(file_okay=False, exists=True))
+@click.option("-o", "--out", "out_csv", required=True, type=click.Path(dir_okay=False), help="Manifest CSV to write.")
+@click.option("--labels", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="CSV with patient_id, side, label.")
+@click.option("--pseudonymise-salt", default=None, help="Replace patient ids by salted hashes.")
+def ingest(root: str, out_csv: str, labels: str | None, pseudonymise_salt: str | None) -> None:
+    """Walk a folder of DICOM (and PNG/JPEG/PGM) files into a manifest; print a summary."""
+    from .ingest.folder import ingest_folder, write_ingest
+
+    result = ingest_folder(root, labels_csv=labels, pseudonymise_salt=pseudonymise_salt, progress=True)
+    manifest, skipped = write_ingest(result, out_csv)
+    click.echo(result.summary())
+    click.echo(f"manifest: {manifest}  skipped files: {skipped}")
+
+
+@main.command("public")
+@click.argument("name", type=click.Choice(["busi", "cdd-cesm", "mias"]))
+@click.argument("root", type=click.Path(file_okay=False, exists=True))
+@click.option("-o", "--out", "out_csv", required=True, type=click.Path(dir_okay=False))
+def public_cmd(name: str, root: str, out_csv: str) -> None:
+    """Manifest of a public dataset in its official layout (BUSI, CDD-CESM, mini-MIAS)."""
+    from .datasets.public import load_public
+    from .records import Manifest, write_manifest
+
+    records = load_public(name, root)
+    path = write_manifest(records, out_csv)
+    m = Manifest(records)
+    click.echo(f"{name}: {len(records)} images, {len(m.cases())} cases, classes {m.class_counts()} -> {path}")
+
+
+@main.command()
+@click.option("--mg", "mg_name", type=click.Choice(["cdd-cesm", "mias"]), default="cdd-cesm", show_default=True)
+@click.option("--mg-root", required=True, type=click.Path(file_okay=False, exists=True))
+@click.option("--busi-root", required=True, type=click.Path(file_okay=False, exists=True))
+@click.option("-o", "--out", "out_csv", required=True, type=click.Path(dir_okay=False))
+@click.option("--seed", default=0, show_default=True)
+@click.option("--keep-mg-only", is_flag=True, help="Keep breasts left without a US image (MG-only cases).")
+def virtual(mg_name: str, mg_root: str, busi_root: str, out_csv: str, seed: int, keep_mg_only: bool) -> None:
+    """Virtual MG+US cohort: each MG breast paired with BUSI images of its class (read docs/virtual-cohort.md)."""
+    from .datasets.public import load_public
+    from .datasets.virtual import build_virtual_cohort
+
+    cohort = build_virtual_cohort(load_public(mg_name, mg_root), load_public("busi", busi_root), seed=seed,
+                                  keep_mg_only=keep_mg_only)
+    path = cohort.write(out_csv)
+    click.echo(json.dumps(cohort.report, indent=1, sort_keys=True))
+    click.echo(f"manifest: {path}")
 
 
 @main.command()
