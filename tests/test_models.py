@@ -145,3 +145,27 @@ def test_weights_from_file_and_bad_files(tmp_path):
 
 class _Payload:
     """An arbitrary Python object: unpickling it would run code, so loading must refuse."""
+
+
+def test_transfer_branch_copies_and_freezes_one_modality():
+    from breastfusion.models.network import transfer_branch
+    from breastfusion.vocab import Modality
+
+    torch.manual_seed(0)
+    single = BreastFusionNet(tiny_model_config(modalities=["US"]))
+    torch.manual_seed(1)
+    fused = BreastFusionNet(tiny_model_config())
+    mg_before = {k: v.clone() for k, v in fused.state_dict().items() if k.startswith("head.mg.")}
+    transfer_branch(single, fused, Modality.US, freeze=True)
+    src, dst = single.state_dict(), fused.state_dict()
+    for key in dst:
+        if key.startswith(("us_backbone.", "head.us.", "head.arc_heads.US.")):
+            assert torch.equal(dst[key], src[key]), key
+    assert all(torch.equal(dst[k], v) for k, v in mg_before.items())  # the other branch untouched
+    frozen = {n for n, p in fused.named_parameters() if not p.requires_grad}
+    assert any(n.startswith("head.us.") for n in frozen)
+    assert not any(n.startswith(("head.mg.", "head.classifier.")) for n in frozen)
+    with torch.no_grad():  # same US embedding as the single-modality network
+        a = single.eval()(_batch()).embeddings[Modality.US]
+        b = fused.eval()(_batch()).embeddings[Modality.US]
+    assert torch.allclose(a, b, atol=1e-6)

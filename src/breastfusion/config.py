@@ -54,6 +54,11 @@ class ModelConfig:
     arcface_loss_weight: float = 1.0  # weight of the auxiliary ArcFace loss (our choice)
     head_dims: list[int] = field(default_factory=lambda: [128, 64])  # single-modality FC 256->128->64->3
     fusion: str = "concat"  # multimodal fusion: concat | cross_attention
+    # Paper: "both single-modality networks serve as feature extractors". "branches":
+    # per fold, train the single-modality networks first (same splits) and fuse their
+    # embeddings; "scratch": train the multimodal network end to end (our alternative).
+    fusion_init: str = "branches"
+    freeze_branches: bool = True  # keep the transferred branches fixed while training the fusion
     fusion_dims: list[int] = field(default_factory=lambda: [128, 64])  # FC after fusion (our choice)
     attention_heads: int = 8  # cross-attention heads (paper variant: 1)
     attention_tokens: int = 8  # each 256-d embedding is read as this many tokens (our choice)
@@ -125,6 +130,8 @@ class RunConfig:
             problems.append(f"backbone.frozen {m.backbone.frozen!r} not in {FROZEN_STAGES}")
         if m.fusion not in FUSIONS:
             problems.append(f"fusion {m.fusion!r} not in {FUSIONS}")
+        if m.fusion_init not in ("branches", "scratch"):
+            problems.append(f"fusion_init {m.fusion_init!r} not in (branches, scratch)")
         if m.embedding_dim % m.attention_tokens:
             problems.append("embedding_dim must be divisible by attention_tokens")
         if (m.embedding_dim // m.attention_tokens) % m.attention_heads and m.fusion == "cross_attention":

@@ -134,3 +134,25 @@ class HeadOnly(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor], target: torch.Tensor | None = None) -> NetOutput:
         return self.head(**features_of(batch, self.head.modalities), target=target)
+
+
+def _branch_prefixes(modality: Modality) -> tuple[str, ...]:
+    branch = "mg" if modality is Modality.MG else "us"
+    return (f"{branch}_backbone.", f"head.{branch}.", f"head.arc_heads.{modality.value}.")
+
+
+def transfer_branch(source: nn.Module, target: nn.Module, modality: Modality, freeze: bool = True) -> int:
+    """Copy one modality's branch (backbone if both have one, MLP, ArcFace) from a trained
+    single-modality model into a multimodal one; optionally freeze it there. Returns tensors copied."""
+    prefixes = _branch_prefixes(modality)
+    src = source.state_dict()
+    own = target.state_dict()
+    copied = {k: src[k] for k in own if k.startswith(prefixes) and k in src}
+    if not copied:
+        raise ValueError(f"no {modality.value} branch weights to transfer")
+    target.load_state_dict(copied, strict=False)
+    if freeze:
+        for name, param in target.named_parameters():
+            if name.startswith(prefixes):
+                param.requires_grad_(False)
+    return len(copied)

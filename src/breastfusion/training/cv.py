@@ -8,6 +8,7 @@ fold whose predictions exist is not rerun (resumable).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections import Counter
@@ -19,12 +20,13 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from ..config import RunConfig
+from ..config import ModelConfig, RunConfig
 from ..errors import BreastFusionError
 from ..evaluation.aggregate import PROBA_COLUMNS
-from ..models.network import BreastFusionNet, FusionHead, HeadOnly
+from ..models.network import BreastFusionNet, FusionHead, HeadOnly, transfer_branch
 from ..preprocess.images import ImageSpec
 from ..records import Manifest
+from ..vocab import Modality
 from .augment import Augment
 from .data import FeatureInstances, ImageInstances
 from .features import FeatureStore
@@ -97,7 +99,6 @@ def feature_store(cfg: RunConfig) -> FeatureStore:
 def run_fold(instances: list[Instance], split: FoldSplit, cfg: RunConfig, fold_dir: Path,
              features: dict[str, np.ndarray] | None, progress: bool = True) -> pd.DataFrame:
     seed = fold_seed(cfg, split.fold)
-    torch.manual_seed(seed)
     device = pick_device(cfg.train.device)
     by_case: dict[str, list[Instance]] = {}
     for inst in instances:
@@ -107,24 +108,19 @@ def run_fold(instances: list[Instance], split: FoldSplit, cfg: RunConfig, fold_d
         return [i for cid in ids for i in by_case.get(cid, [])]
 
     train, test, val = part(split.train), part(split.test), part(split.val)
-    if cfg.train.mode == "cached":
-        model = HeadOnly(FusionHead(cfg.model, next(iter(features.values())).shape[-1]))
-        make = lambda items, is_train: FeatureInstances(items, features, is_train, seed)  # noqa: E731
-    else:
-        model = BreastFusionNet(cfg.model)
-        spec = ImageSpec(cfg.model.backbone.image_size)
-        augment = Augment(cfg.train.hflip_p, cfg.train.rotation_deg)
-        make = lambda items, is_train: ImageInstances(items, spec, is_train, augment, seed)  # noqa: E731
-    model = model.to(device)
-    bs, workers = cfg.train.batch_size, cfg.train.num_workers
-    gen = torch.Generator().manual_seed(seed)
-    train_loader = DataLoader(make(train, True), batch_size=bs, shuffle=True, generator=gen,
-                              num_workers=workers, drop_last=len(train) > bs)
-    test_loader = DataLoader(make(test, False), batch_size=bs * 2, num_workers=workers)
-    val_loader = DataLoader(make(val, False), batch_size=bs * 2, num_workers=workers)
-    result = fit(model, train_loader, test_loader, cfg.train, cfg.model.arcface_loss_weight, device,
-                 progress=progress, desc=f"{cfg.name} fold {split.fold}")
-    probs, index = predict_proba(model, val_loader, device)
+    trainer = _Trainer(cfg, features, seed, device, progress)
+    pretrained = {}
+    if cfg.model.multimodal and cfg.model.fusion_init == "branches":
+        # The paper's fusion: single-modality networks trained first (same fold, same
+        # splits) serve as feature extractors for the fusion layers.
+        for modality in cfg.model.modality_set:
+            single = single_modality(cfg.model, modality)
+            model, _ = trainer.train(single, *(only(items, modality) for items in (train, test)),
+                                     desc=f"{cfg.name} fold {split.fold} {modality.value} branch")
+            pretrained[modality] = model
+    model, result = trainer.train(cfg.model, train, test, desc=f"{cfg.name} fold {split.fold}",
+                                  branches=pretrained)
+    probs, index = predict_proba(model, trainer.loader(val, False), device)
     rows = pd.DataFrame({
         "fold": split.fold,
         "instance_id": [val[i].instance_id for i in index],
@@ -144,6 +140,59 @@ def run_fold(instances: list[Instance], split: FoldSplit, cfg: RunConfig, fold_d
     rows.to_csv(tmp, index=False)
     os.replace(tmp, fold_dir / "predictions.csv")
     return rows
+
+
+def single_modality(model_cfg: ModelConfig, modality: Modality) -> ModelConfig:
+    return dataclasses.replace(model_cfg, modalities=[modality.value])
+
+
+def only(instances: list[Instance], modality: Modality) -> list[Instance]:
+    """The single-modality instances hidden in multimodal ones (MG: one per case)."""
+    if modality is Modality.US:
+        return [dataclasses.replace(i, mg=()) for i in instances]
+    seen, out = set(), []
+    for inst in instances:
+        if inst.case_id not in seen:
+            seen.add(inst.case_id)
+            out.append(dataclasses.replace(inst, us=None, instance_id=f"{inst.case_id}#MG"))
+    return out
+
+
+class _Trainer:
+    """Builds models and loaders for one fold, in fine-tune or cached-feature mode."""
+
+    def __init__(self, cfg: RunConfig, features, seed: int, device: torch.device, progress: bool):
+        self.cfg, self.features, self.seed, self.device, self.progress = cfg, features, seed, device, progress
+        self.spec = ImageSpec(cfg.model.backbone.image_size)
+        self.augment = Augment(cfg.train.hflip_p, cfg.train.rotation_deg)
+
+    def loader(self, items: list[Instance], train: bool) -> DataLoader:
+        t = self.cfg.train
+        if t.mode == "cached":
+            data = FeatureInstances(items, self.features, train, self.seed)
+        else:
+            data = ImageInstances(items, self.spec, train, self.augment, self.seed)
+        if train:
+            gen = torch.Generator().manual_seed(self.seed)
+            return DataLoader(data, batch_size=t.batch_size, shuffle=True, generator=gen,
+                              num_workers=t.num_workers, drop_last=len(items) > t.batch_size)
+        return DataLoader(data, batch_size=t.batch_size * 2, num_workers=t.num_workers)
+
+    def build(self, model_cfg: ModelConfig) -> torch.nn.Module:
+        torch.manual_seed(self.seed)
+        if self.cfg.train.mode == "cached":
+            return HeadOnly(FusionHead(model_cfg, next(iter(self.features.values())).shape[-1]))
+        return BreastFusionNet(model_cfg)
+
+    def train(self, model_cfg: ModelConfig, train: list[Instance], test: list[Instance], desc: str,
+              branches: dict | None = None):
+        model = self.build(model_cfg)
+        for modality, source in (branches or {}).items():
+            transfer_branch(source, model, modality, freeze=model_cfg.freeze_branches)
+        model = model.to(self.device)
+        result = fit(model, self.loader(train, True), self.loader(test, False), self.cfg.train,
+                     model_cfg.arcface_loss_weight, self.device, progress=self.progress, desc=desc)
+        return model, result
 
 
 def _write_atomic(path: Path, text: str) -> None:
