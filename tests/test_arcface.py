@@ -60,9 +60,11 @@ def test_theta_plus_margin_beyond_pi_stays_monotonic():
 
 
 def test_embedding_layer_gives_cosines():
-    layer = ArcFaceEmbedding(12, 6)
+    layer = ArcFaceEmbedding(12, 6, scale=30.0)
     x = torch.randn(3, 12) * 100
     out = layer(x)
     assert out.shape == (3, 6)
-    assert (out.abs() <= 1 + 1e-6).all()
+    assert (out.abs() <= 30 * (1 + 1e-6)).all()
+    w = torch.nn.functional.normalize(layer.weight, dim=-1)
+    assert torch.allclose(out / 30, torch.nn.functional.normalize(x, dim=-1) @ w.T, atol=1e-6)
     assert torch.allclose(layer(x * 7), out, atol=1e-6)  # scale-invariant in the feature

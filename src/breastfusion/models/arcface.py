@@ -5,8 +5,11 @@ producing a 256-d "discriminative" embedding before fusion, but does not say
 how a 512 -> 256 layer carries a margin. Our reading (method.md, "our choice"):
 
 * `ArcFaceEmbedding`: a cosine layer. With L2-normalised feature x and
-  L2-normalised rows w_k of W (256 x 512), output k is cos(theta_k) = w_k . x.
-  The embedding is the vector of cosines to 256 learned directions.
+  L2-normalised rows w_k of W (256 x 512), output k is s * cos(theta_k) =
+  s * w_k . x: the cosines to 256 learned directions, times the ArcFace scale
+  s (the same s as in the ArcFace softmax). Raw cosines of a 512-d vector to
+  random directions are ~0.05 in size, which leaves the FC layers after them
+  (and the fusion) with near-constant inputs; scaling by s puts them at O(1).
 * `ArcMarginHead`: during training an auxiliary head with one centre per class
   on that 256-d embedding gives cos(theta_i); the true class's cosine is
   replaced by cos(theta_y + m) and the scaled logits s * cos(.) feed a
@@ -28,13 +31,14 @@ _EPS = 1e-7
 class ArcFaceEmbedding(nn.Module):
     """Cosine layer: normalised feature times normalised weight -> cosines in [-1, 1]."""
 
-    def __init__(self, in_dim: int, out_dim: int):
+    def __init__(self, in_dim: int, out_dim: int, scale: float = 1.0):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_dim, in_dim))
         nn.init.xavier_uniform_(self.weight)
+        self.scale = float(scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.normalize(x, dim=-1), F.normalize(self.weight, dim=-1))
+        return self.scale * F.linear(F.normalize(x, dim=-1), F.normalize(self.weight, dim=-1))
 
 
 class ArcMarginHead(nn.Module):

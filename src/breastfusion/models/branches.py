@@ -30,19 +30,19 @@ def mlp(dims: Sequence[int], slope: float, dropout: float = 0.0, last_activation
     return nn.Sequential(*layers)
 
 
-def embedding_layer(in_dim: int, out_dim: int, arcface: bool, slope: float) -> nn.Module:
+def embedding_layer(in_dim: int, out_dim: int, arcface: bool, slope: float, scale: float = 1.0) -> nn.Module:
     if arcface:
-        return ArcFaceEmbedding(in_dim, out_dim)
+        return ArcFaceEmbedding(in_dim, out_dim, scale)
     return nn.Sequential(nn.Linear(in_dim, out_dim), nn.LeakyReLU(slope))
 
 
 class MGBranch(nn.Module):
     def __init__(self, feat_dim: int, dims: Sequence[int], attention_dim: int, emb_dim: int,
-                 arcface: bool, slope: float, dropout: float = 0.0):
+                 arcface: bool, slope: float, dropout: float = 0.0, scale: float = 1.0):
         super().__init__()
         self.view_mlp = mlp([feat_dim, *dims], slope, dropout)
         self.pool = ViewAttentionPool(dims[-1], attention_dim)
-        self.embed = embedding_layer(dims[-1], emb_dim, arcface, slope)
+        self.embed = embedding_layer(dims[-1], emb_dim, arcface, slope, scale)
 
     def forward(self, view_feats: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, V, D) features and (B, V) mask -> (B, emb) embedding and (B, V) view weights."""
@@ -52,10 +52,10 @@ class MGBranch(nn.Module):
 
 class USBranch(nn.Module):
     def __init__(self, feat_dim: int, dims: Sequence[int], emb_dim: int, arcface: bool,
-                 slope: float, dropout: float = 0.0):
+                 slope: float, dropout: float = 0.0, scale: float = 1.0):
         super().__init__()
         self.mlp = mlp([feat_dim, *dims], slope, dropout)
-        self.embed = embedding_layer(dims[-1], emb_dim, arcface, slope)
+        self.embed = embedding_layer(dims[-1], emb_dim, arcface, slope, scale)
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         return self.embed(self.mlp(feats))

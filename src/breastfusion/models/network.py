@@ -38,9 +38,10 @@ class FusionHead(nn.Module):
         slope, drop, emb = cfg.leaky_slope, cfg.dropout, cfg.embedding_dim
         self.mg = self.us = None
         if Modality.MG in self.modalities:
-            self.mg = MGBranch(feat_dim, cfg.branch_dims, cfg.view_attention_dim, emb, cfg.arcface, slope, drop)
+            self.mg = MGBranch(feat_dim, cfg.branch_dims, cfg.view_attention_dim, emb, cfg.arcface, slope, drop,
+                               cfg.arcface_scale)
         if Modality.US in self.modalities:
-            self.us = USBranch(feat_dim, cfg.branch_dims, emb, cfg.arcface, slope, drop)
+            self.us = USBranch(feat_dim, cfg.branch_dims, emb, cfg.arcface, slope, drop, cfg.arcface_scale)
         self.arc_heads = nn.ModuleDict()
         if cfg.arcface:
             for m in self.modalities:
