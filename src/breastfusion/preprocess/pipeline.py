@@ -1,0 +1,227 @@
+"""The whole preprocessing of one image file, and a disk cache of its results.
+
+`Preprocessor.process(path, modality, side)`:
+
+- MG: read grey -> `crop_breast` (largest foreground component, labels
+  masked) -> `orient_info` (chest wall to `chest_wall`, laterality checked
+  against content) -> pad to square (aspect kept) -> resize.
+- US: read; a colour file goes through the colour policy (reject or grey,
+  `ultrasound.apply_colour_policy`) -> `crop_scan_area` -> pad -> resize.
+
+`enabled=False` switches the crops off (images already clean); orientation
+still applies unless `chest_wall` is ``"none"``. The result is a
+(size, size) float32 array in [0, 1].
+
+`PreprocessCache(cache_dir, preprocessor).get(path, modality, side)` keeps
+each result once on disk as
+``<cache_dir>/preprocessed/<params hash>/<content sha256>_<modality>[_<side>].npy``:
+the folder is named by a hash of `Preprocessor.key()` (every parameter and a
+format number), the file by the SHA-256 of the source file's bytes (a moved
+or renamed file is not reprocessed, a changed one is) plus the modality and,
+for MG, the side it was processed as (they change the result: crop kind,
+flip; "x" for an unknown side). Writes
+are atomic (temporary file + os.replace). Content hashes are memoised per
+(path, mtime, size) within the process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from ..vocab import Modality, Side
+from .images import pad_to_square, read_grey, resize
+from .mammo import CropInfo, MammoCrop, crop_breast_mask, orient_info
+from .ultrasound import COLOUR_POLICIES, ColourPolicy, UltrasoundCrop, apply_colour_policy, crop_scan_area
+
+FORMAT = 1  # bump when the processing changes in a way the parameters do not show
+
+
+def read_rgb(path: str | os.PathLike) -> np.ndarray | None:
+    """(H, W, 3) float32 in [0, 1] of a colour file, None for a grey one.
+
+    Uses `breastfusion.ingest.pixels.read_rgb` (DICOM and image files); falls
+    back to Pillow for image files when that is not importable.
+    """
+    try:
+        from ..ingest.pixels import read_rgb as ingest_read_rgb
+    except ImportError:
+        ingest_read_rgb = None
+    if ingest_read_rgb is not None:
+        return ingest_read_rgb(path)
+    from PIL import Image
+
+    from ..errors import InputImageError
+
+    try:
+        with Image.open(path) as img:
+            if img.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "F"):
+                return None
+            rgb = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    except OSError as exc:
+        raise InputImageError(f"{path}: cannot read ({type(exc).__name__}: {exc})") from exc
+    spread = np.ptp(rgb, axis=-1)
+    return rgb if spread.size and float(spread.max()) > 0.03 else None
+
+
+@dataclass(frozen=True)
+class Preprocessor:
+    """All preprocessing parameters (each one part of the cache key).
+
+    size: side of the square output in pixels.
+    enabled: crop (breast / scan area); False for images that are already clean.
+    chest_wall: side of the output where a mammogram's chest wall goes ("left",
+        "right"), or "none" for no flipping.
+    colour: what to do with a coloured ultrasound image: "reject" (InputImageError,
+        as the paper excluded Doppler images) or "grey" (luminance, flagged).
+    mammo: breast crop and orientation parameters (`MammoCrop`).
+    ultrasound: scan-area crop and colour thresholds (`UltrasoundCrop`).
+    """
+
+    size: int = 224
+    enabled: bool = True
+    chest_wall: Literal["left", "right", "none"] = "left"
+    colour: ColourPolicy = "reject"
+    mammo: MammoCrop = field(default_factory=MammoCrop)
+    ultrasound: UltrasoundCrop = field(default_factory=UltrasoundCrop)
+
+    def __post_init__(self):
+        if self.chest_wall not in ("left", "right", "none"):
+            raise ValueError(f"chest_wall must be left, right or none, not {self.chest_wall!r}")
+        if self.colour not in COLOUR_POLICIES:
+            raise ValueError(f"colour must be one of {', '.join(COLOUR_POLICIES)}, not {self.colour!r}")
+        if int(self.size) < 1:
+            raise ValueError(f"size must be positive, not {self.size}")
+
+    def key(self) -> dict:
+        """Every parameter, as plain JSON values, plus the format number (for cache keys)."""
+        return {**asdict(self), "format": FORMAT}
+
+    def key_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.key(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def process(self, path: str | os.PathLike, modality: Modality | str, side: Side | str | None) -> np.ndarray:
+        """File -> (size, size) float32 in [0, 1]."""
+        return self.process_info(path, modality, side)[0]
+
+    def process_info(self, path: str | os.PathLike, modality: Modality | str,
+                     side: Side | str | None) -> tuple[np.ndarray, CropInfo]:
+        """`process`, plus what the crop and orientation did."""
+        cropped, info = self.crop(path, modality, side)
+        out = np.clip(resize(pad_to_square(cropped), self.size), 0.0, 1.0).astype(np.float32, copy=False)
+        return out, info
+
+    def crop(self, path: str | os.PathLike, modality: Modality | str,
+             side: Side | str | None) -> tuple[np.ndarray, CropInfo]:
+        """File -> cropped and oriented grey image (not yet padded or resized) and its info."""
+        modality = Modality.parse(modality)
+        if modality is Modality.US:
+            return self._ultrasound(path)
+        return self._mammogram(path, side)
+
+    def _mammogram(self, path, side) -> tuple[np.ndarray, CropInfo]:
+        img = read_grey(str(path))
+        shape = (int(img.shape[0]), int(img.shape[1]))
+        mask = None
+        if self.enabled:
+            img, info, mask = crop_breast_mask(img, self.mammo)
+        else:
+            info = CropInfo(shape, (0, 0, *shape))
+        if self.chest_wall != "none":
+            img, info = orient_info(img, side, self.chest_wall, info, self.mammo, mask)
+        return img, info
+
+    def _ultrasound(self, path) -> tuple[np.ndarray, CropInfo]:
+        rgb = read_rgb(path)
+        flags: tuple[str, ...] = ()
+        fraction = None
+        if rgb is not None:
+            grey, fraction, acted = apply_colour_policy(rgb, self.colour, path, self.ultrasound)
+            flags = ("colour_greyed",) if acted else ()
+        else:
+            grey = read_grey(str(path))
+        if self.enabled:
+            img, info = crop_scan_area(grey, None, self.ultrasound)
+        else:
+            img, info = grey, CropInfo((int(grey.shape[0]), int(grey.shape[1])), (0, 0, *grey.shape))
+        return img, info.flagged(*flags, colour_fraction=fraction)
+
+
+class PreprocessCache:
+    """Preprocessed images on disk, computed once per (file content, modality, side, parameters)."""
+
+    def __init__(self, cache_dir: str | os.PathLike, preprocessor: Preprocessor | None = None):
+        self.preprocessor = preprocessor if preprocessor is not None else Preprocessor()
+        self.dir = Path(cache_dir) / "preprocessed" / self.preprocessor.key_hash()
+        self.computed = 0  # images processed by this cache object
+        self.reused = 0  # images read back from disk
+        self._hashes: dict[str, tuple[int, int, str]] = {}
+        self._key_written = False
+
+    def content_hash(self, path: str | os.PathLike) -> str:
+        """SHA-256 of the file's bytes, memoised per (path, mtime, size)."""
+        key = os.path.abspath(path)
+        st = os.stat(key)
+        known = self._hashes.get(key)
+        if known is not None and known[:2] == (st.st_mtime_ns, st.st_size):
+            return known[2]
+        digest = hashlib.sha256()
+        with open(key, "rb") as fh:
+            while block := fh.read(1 << 20):
+                digest.update(block)
+        self._hashes[key] = (st.st_mtime_ns, st.st_size, digest.hexdigest())
+        return digest.hexdigest()
+
+    def file_for(self, path: str | os.PathLike, modality: Modality | str, side: Side | str | None) -> Path:
+        modality = Modality.parse(modality)
+        if modality is Modality.US:  # the side does not change an ultrasound result
+            return self.dir / f"{self.content_hash(path)}_{modality.value}.npy"
+        side_text = Side.parse(side).value if side not in (None, "") else "x"
+        return self.dir / f"{self.content_hash(path)}_{modality.value}_{side_text}.npy"
+
+    def get(self, path: str | os.PathLike, modality: Modality | str, side: Side | str | None) -> np.ndarray:
+        """The preprocessed image: read from the cache, or computed and stored once."""
+        file = self.file_for(path, modality, side)
+        if file.is_file():
+            try:
+                arr = np.load(file)
+                if arr.shape == (self.preprocessor.size,) * 2:
+                    self.reused += 1
+                    return arr
+            except (OSError, ValueError):  # a damaged cache file is recomputed
+                pass
+        arr = self.preprocessor.process(path, modality, side)
+        self._store(file, arr)
+        self.computed += 1
+        return arr
+
+    def _store(self, file: Path, arr: np.ndarray) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if not self._key_written:
+            _write_atomic(self.dir / "key.json", json.dumps(self.preprocessor.key(), indent=1).encode())
+            self._key_written = True
+        tmp = file.with_name(f"{file.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            with open(tmp, "wb") as fh:
+                np.save(fh, arr.astype(np.float32, copy=False))
+            os.replace(tmp, file)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
