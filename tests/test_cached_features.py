@@ -4,7 +4,7 @@ from torch.utils.data import DataLoader
 
 from breastfusion.config import BackboneConfig
 from breastfusion.models.network import BreastFusionNet, HeadOnly
-from breastfusion.preprocess.images import ImageSpec
+from breastfusion.preprocess.pipeline import PreprocessCache, Preprocessor
 from breastfusion.records import read_manifest
 from breastfusion.training.augment import Augment
 from breastfusion.training.data import FeatureInstances, ImageInstances
@@ -23,13 +23,14 @@ def test_cached_path_gives_fine_tune_logits(tmp_path):
     net = BreastFusionNet(cfg).eval()
     # one backbone for both modalities, so the cache holds what the net computes
     net.us_backbone = net.mg_backbone
-    spec = ImageSpec(32)
-    store = FeatureStore(tmp_path / "cache", cfg.backbone, spec, Augment(), copies=2)
-    paths = [r.path for i in instances for r in (*i.mg, i.us) if r is not None]
-    feats = store.features(paths, backbone=net.mg_backbone, progress=False)
+    source = PreprocessCache(tmp_path / "cache", Preprocessor(size=32))
+    store = FeatureStore(tmp_path / "cache", cfg.backbone, source, Augment(), copies=2)
+    records = [r for i in instances for r in (*i.mg, i.us) if r is not None]
+    paths = [r.path for r in records]
+    feats = store.features(records, backbone=net.mg_backbone, progress=False)
     assert store.computed == len(set(paths))
     assert all(f.shape == (3, 512) for f in feats.values())
-    image_batch = next(iter(DataLoader(ImageInstances(instances, spec, train=False), batch_size=len(instances))))
+    image_batch = next(iter(DataLoader(ImageInstances(instances, source, train=False), batch_size=len(instances))))
     feat_batch = next(iter(DataLoader(FeatureInstances(instances, feats, train=False), batch_size=len(instances))))
     with torch.no_grad():
         fine = net(image_batch).logits
@@ -37,8 +38,8 @@ def test_cached_path_gives_fine_tune_logits(tmp_path):
     assert torch.allclose(fine, cached, atol=1e-5), (fine - cached).abs().max()
 
     # a second store over the same files reads from disk and computes nothing
-    again = FeatureStore(tmp_path / "cache", cfg.backbone, spec, Augment(), copies=2)
-    feats2 = again.features(paths, backbone=net.mg_backbone, progress=False)
+    again = FeatureStore(tmp_path / "cache", cfg.backbone, source, Augment(), copies=2)
+    feats2 = again.features(records, backbone=net.mg_backbone, progress=False)
     assert again.computed == 0
     assert all(np.array_equal(feats[p], feats2[p]) for p in feats)
     # augmented copies differ from the plain image

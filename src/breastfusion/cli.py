@@ -101,6 +101,29 @@ def virtual(mg_name: str, mg_root: str, busi_root: str, out_csv: str, seed: int,
     click.echo(f"manifest: {path}")
 
 
+@main.command("contact-sheet")
+@click.argument("manifest", type=click.Path(dir_okay=False))
+@click.option("-o", "--out", "out_png", required=True, type=click.Path(dir_okay=False))
+@click.option("-n", "count", default=16, show_default=True, help="Images to show (a seeded sample).")
+@click.option("--modality", type=click.Choice(["MG", "US", "all"]), default="all", show_default=True)
+@click.option("--size", default=224, show_default=True)
+@click.option("--colour", type=click.Choice(["reject", "grey"]), default="reject", show_default=True)
+@click.option("--seed", default=0, show_default=True)
+def contact_sheet_cmd(manifest: str, out_png: str, count: int, modality: str, size: int, colour: str,
+                      seed: int) -> None:
+    """Before/after preprocessing of a sample of a manifest's images, as one PNG to check by eye."""
+    from .preprocess.contact_sheet import contact_sheet, sample_images
+    from .preprocess.pipeline import Preprocessor
+    from .records import read_manifest
+
+    m = read_manifest(manifest, require_labels=False)
+    records = [r for r in m.records if modality == "all" or r.modality.value == modality]
+    chosen = set(sample_images([r.path for r in records], count, seed))
+    items = [(r.path, r.modality, r.side) for r in records if r.path in chosen]
+    path = contact_sheet(items, Preprocessor(size=size, colour=colour), out_png)
+    click.echo(f"contact sheet of {len(items)} images: {path}")
+
+
 @main.command()
 @click.argument("manifest", type=click.Path(dir_okay=False))
 def validate(manifest: str) -> None:

@@ -39,6 +39,15 @@ class BackboneConfig:
 
 
 @dataclass
+class PreprocessConfig:
+    """Automatic preprocessing (no physician input); the output side is model.backbone.image_size."""
+
+    enabled: bool = True  # MG breast crop, US scan-area crop; False for images that are already clean
+    chest_wall: str = "left"  # where every mammogram's chest wall is put: left | right | none (no flip)
+    colour: str = "reject"  # coloured (Doppler) US images: reject (skip, as the paper excluded them) | grey
+
+
+@dataclass
 class ModelConfig:
     modalities: list[str] = field(default_factory=lambda: ["MG", "US"])
     # MG branch input slots, "VIEW-KIND"; the paper's "without C-View" ablation
@@ -108,6 +117,7 @@ class CVConfig:
 @dataclass
 class RunConfig:
     name: str = "run"
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     cv: CVConfig = field(default_factory=CVConfig)
@@ -136,6 +146,10 @@ class RunConfig:
             problems.append("embedding_dim must be divisible by attention_tokens")
         if (m.embedding_dim // m.attention_tokens) % m.attention_heads and m.fusion == "cross_attention":
             problems.append("token size (embedding_dim / attention_tokens) must be divisible by attention_heads")
+        if self.preprocess.chest_wall not in ("left", "right", "none"):
+            problems.append(f"preprocess.chest_wall {self.preprocess.chest_wall!r} not in (left, right, none)")
+        if self.preprocess.colour not in ("reject", "grey"):
+            problems.append(f"preprocess.colour {self.preprocess.colour!r} not in (reject, grey)")
         if t.mode not in ("finetune", "cached"):
             problems.append(f"train.mode {t.mode!r} not in (finetune, cached)")
         if t.optimizer not in ("sgd", "adamw"):

@@ -29,7 +29,7 @@ from .evaluation.plots import plot_confusion, plot_roc
 from .evaluation.report import describe_row, evaluate_predictions, report_markdown
 from .provenance import git_commit, machine, now, versions
 from .records import Manifest
-from .training.cv import cross_validate, prepare
+from .training.cv import cross_validate
 
 
 def row_dirname(name: str) -> str:
@@ -55,13 +55,15 @@ def run_experiment(manifest: Manifest, rows: Sequence[RunConfig], out_dir: str |
         row_dir = out / "rows" / row_dirname(row.name)
         if progress:
             print(f"[{row.name}] cross-validating ({row.cv.folds} folds, {row.train.mode} mode)", flush=True)
-        instances = cross_validate(manifest, row, row_dir, progress=progress)
+        result = cross_validate(manifest, row, row_dir, progress=progress)
+        instances = result.predictions
         patient_table = aggregate(instances, "vote")
         instances.to_csv(row_dir / "predictions_instances.csv", index=False)
         patient_table.to_csv(row_dir / "predictions_patients.csv", index=False)
         entry = describe_row(row)
         entry.update(evaluate_predictions(instances))
-        entry["excluded_cases"] = dict(prepare(manifest, row).skipped)
+        entry["excluded"] = dict(result.data.skipped)
+        entry["refused_images"] = len(result.data.failed)
         entry["seconds"] = round(time.time() - t0, 1)
         results.append(entry)
         patients.append((row.name, aggregate(instances, "mean")))

@@ -12,20 +12,21 @@ import dataclasses
 import json
 import os
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from ..config import ModelConfig, RunConfig
-from ..errors import BreastFusionError
+from ..errors import BreastFusionError, InputImageError
 from ..evaluation.aggregate import PROBA_COLUMNS
 from ..models.network import BreastFusionNet, FusionHead, HeadOnly, transfer_branch
-from ..preprocess.images import ImageSpec
-from ..records import Manifest
+from ..preprocess.pipeline import PreprocessCache, Preprocessor
+from ..records import ImageRecord, Manifest
 from ..vocab import Modality
 from .augment import Augment
 from .data import FeatureInstances, ImageInstances
@@ -41,16 +42,38 @@ class CVData:
 
     instances: list[Instance]
     splits: list[FoldSplit]
-    skipped: Counter
+    skipped: Counter  # cases left out, by reason
+    failed: dict[str, str] = field(default_factory=dict)  # image path -> why preprocessing refused it
+    features: dict[str, np.ndarray] | None = None  # cached mode: path -> (1 + copies, D)
 
 
-def prepare(manifest: Manifest, cfg: RunConfig) -> CVData:
+def image_source(cfg: RunConfig) -> PreprocessCache:
+    p = cfg.preprocess
+    pre = Preprocessor(size=cfg.model.backbone.image_size, enabled=p.enabled, chest_wall=p.chest_wall,
+                       colour=p.colour)
+    return PreprocessCache(cfg.train.cache_dir, pre)
+
+
+def prepare(manifest: Manifest, cfg: RunConfig, progress: bool = True) -> CVData:
+    """Instances, preprocessing (and features in cached mode) of every image, then folds."""
     cases = [c for c in manifest.cases().values()]
     unlabeled = [c.case_id for c in cases if c.label is None]
     if unlabeled:
         raise BreastFusionError(f"cross-validation needs labels; {len(unlabeled)} case(s) have none "
                                 f"(first: {unlabeled[0]})")
     instances, skipped = build_instances(cases, cfg.model.modality_set, cfg.model.slots)
+    records = list({r.path: r for i in instances for r in (*i.mg, i.us) if r is not None}.values())
+    source = image_source(cfg)
+    features = None
+    if cfg.train.mode == "cached":
+        store = FeatureStore(cfg.train.cache_dir, cfg.model.backbone, source,
+                             Augment(cfg.train.hflip_p, cfg.train.rotation_deg), cfg.train.feature_copies,
+                             cfg.train.seed)
+        features = store.features(records, device=pick_device(cfg.train.device), progress=progress)
+        failed = store.failed
+    else:
+        failed = screen(records, source, progress)
+    instances = without_failed(instances, failed, skipped)
     if not instances:
         raise BreastFusionError(f"config {cfg.name!r}: no case has the images this model needs "
                                 f"({dict(skipped)})")
@@ -58,42 +81,65 @@ def prepare(manifest: Manifest, cfg: RunConfig) -> CVData:
     kept = [c for c in cases if c.case_id in used]
     fold_of = assign_folds([c.case_id for c in kept], [c.label.index for c in kept],
                            [c.group for c in kept], cfg.cv.folds, cfg.cv.seed)
-    return CVData(instances, make_splits(fold_of, cfg.cv.folds, cfg.cv.test_folds), skipped)
+    splits = make_splits(fold_of, cfg.cv.folds, cfg.cv.test_folds)
+    return CVData(instances, splits, skipped, failed, features)
+
+
+def screen(records: list[ImageRecord], source: PreprocessCache, progress: bool = True) -> dict[str, str]:
+    """Preprocess every image once (filling the cache); return the refused ones with their reasons."""
+    failed = {}
+    for rec in tqdm(records, desc="preprocess", unit="img", disable=not progress, leave=False):
+        try:
+            source.get(rec.path, rec.modality, rec.side)
+        except InputImageError as exc:
+            failed[rec.path] = str(exc)
+    return failed
+
+
+def without_failed(instances: list[Instance], failed: dict[str, str], skipped: Counter) -> list[Instance]:
+    """Drop instances whose US image was refused; mask refused MG views (drop if none is left)."""
+    if not failed:
+        return instances
+    out = []
+    for inst in instances:
+        if inst.us is not None and inst.us.path in failed:
+            skipped["instance: US image refused by preprocessing"] += 1
+            continue
+        mg = tuple(None if r is not None and r.path in failed else r for r in inst.mg)
+        if inst.mg and not any(mg):
+            skipped["instance: every MG image refused by preprocessing"] += 1
+            continue
+        out.append(dataclasses.replace(inst, mg=mg))
+    return out
 
 
 def fold_seed(cfg: RunConfig, fold: int) -> int:
     return cfg.train.seed * 1000 + fold
 
 
+@dataclass
+class CVResult:
+    predictions: pd.DataFrame  # validation instances of every fold
+    data: CVData
+
+
 def cross_validate(manifest: Manifest, cfg: RunConfig, out_dir: str | os.PathLike,
-                   features: dict[str, np.ndarray] | None = None, progress: bool = True) -> pd.DataFrame:
+                   progress: bool = True) -> CVResult:
     """Run (or resume) all folds; return the validation instance predictions of every fold."""
     cfg.validate()
     out_dir = Path(out_dir)
-    data = prepare(manifest, cfg)
-    if cfg.train.mode == "cached" and features is None:
-        features = extract_features(data.instances, cfg, progress=progress)
+    data = prepare(manifest, cfg, progress)
+    if data.failed:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _write_atomic(out_dir / "refused_images.json", json.dumps(data.failed, indent=1))
     frames = []
     for split in data.splits:
         fold_dir = out_dir / "folds" / f"fold_{split.fold}"
         done = fold_dir / "predictions.csv"
         if not done.is_file():
-            run_fold(data.instances, split, cfg, fold_dir, features, progress)
+            run_fold(data.instances, split, cfg, fold_dir, data.features, progress)
         frames.append(pd.read_csv(done))
-    return pd.concat(frames, ignore_index=True)
-
-
-def extract_features(instances: list[Instance], cfg: RunConfig, progress: bool = True,
-                     backbone=None) -> dict[str, np.ndarray]:
-    store = feature_store(cfg)
-    paths = [r.path for inst in instances for r in (*inst.mg, inst.us) if r is not None]
-    return store.features(paths, backbone=backbone, device=pick_device(cfg.train.device), progress=progress)
-
-
-def feature_store(cfg: RunConfig) -> FeatureStore:
-    t = cfg.train
-    return FeatureStore(t.cache_dir, cfg.model.backbone, ImageSpec(cfg.model.backbone.image_size),
-                        Augment(t.hflip_p, t.rotation_deg), t.feature_copies, t.seed)
+    return CVResult(pd.concat(frames, ignore_index=True), data)
 
 
 def run_fold(instances: list[Instance], split: FoldSplit, cfg: RunConfig, fold_dir: Path,
@@ -163,7 +209,7 @@ class _Trainer:
 
     def __init__(self, cfg: RunConfig, features, seed: int, device: torch.device, progress: bool):
         self.cfg, self.features, self.seed, self.device, self.progress = cfg, features, seed, device, progress
-        self.spec = ImageSpec(cfg.model.backbone.image_size)
+        self.source = image_source(cfg)
         self.augment = Augment(cfg.train.hflip_p, cfg.train.rotation_deg)
 
     def loader(self, items: list[Instance], train: bool) -> DataLoader:
@@ -171,7 +217,7 @@ class _Trainer:
         if t.mode == "cached":
             data = FeatureInstances(items, self.features, train, self.seed)
         else:
-            data = ImageInstances(items, self.spec, train, self.augment, self.seed)
+            data = ImageInstances(items, self.source, train, self.augment, self.seed)
         if train:
             gen = torch.Generator().manual_seed(self.seed)
             return DataLoader(data, batch_size=t.batch_size, shuffle=True, generator=gen,

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..preprocess.images import ImageSpec, load_image
+from ..preprocess.pipeline import PreprocessCache
+from ..records import ImageRecord
 from .augment import Augment
 from .instances import Instance
 
@@ -49,18 +50,19 @@ class _InstanceDataset(Dataset):
 
 
 class ImageInstances(_InstanceDataset):
-    """Loads and (in training) augments every image of an instance."""
+    """Loads (preprocessed, from the cache) and in training augments every image of an instance."""
 
-    def __init__(self, instances: Sequence[Instance], spec: ImageSpec, train: bool,
+    def __init__(self, instances: Sequence[Instance], source: PreprocessCache, train: bool,
                  augment: Augment | None = None, seed: int = 0):
         super().__init__(instances, train, seed)
-        self.spec = spec
+        self.source = source
+        self.size = source.preprocessor.size
         self.augment = augment if train else None
 
-    def _image(self, path: str | None, rng: np.random.Generator) -> torch.Tensor:
-        if path is None:
-            return torch.zeros(1, self.spec.size, self.spec.size)
-        img = torch.from_numpy(load_image(path, self.spec)).unsqueeze(0)
+    def _image(self, rec: ImageRecord | None, rng: np.random.Generator) -> torch.Tensor:
+        if rec is None:
+            return torch.zeros(1, self.size, self.size)
+        img = torch.from_numpy(self.source.get(rec.path, rec.modality, rec.side)).unsqueeze(0)
         return self.augment(img, rng) if self.augment is not None else img
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
@@ -68,9 +70,9 @@ class ImageInstances(_InstanceDataset):
         rng = item_rng(self.seed, self.epoch, index)
         item = self._common(index)
         if self.uses_mg:
-            item["mg"] = torch.stack([self._image(r.path if r else None, rng) for r in inst.mg])
+            item["mg"] = torch.stack([self._image(r, rng) for r in inst.mg])
         if self.uses_us:
-            item["us"] = self._image(inst.us.path, rng)
+            item["us"] = self._image(inst.us, rng)
         return item
 
 

@@ -9,8 +9,12 @@ fine-tuning trains.
 On disk: ``<cache_dir>/features/<spec>/<image hash>.npy``, an array of shape
 (1 + copies, D) (row 0 = the plain image). `<spec>` hashes everything the
 features depend on: backbone name and weights (file content hash), image
-spec, augmentation and copy count. `<image hash>` is the file's content hash,
-so a renamed or moved file is not recomputed and a changed one is.
+preprocessing, augmentation and copy count. `<image hash>` is the file's
+content hash (plus modality and side, which change the preprocessing), so a
+renamed or moved file is not recomputed and a changed one is. Images are read
+through the preprocessing cache. An image that preprocessing refuses (e.g. a
+Doppler image under the "reject" policy) gets no features; its reason is kept
+in `FeatureStore.failed`.
 """
 
 from __future__ import annotations
@@ -26,8 +30,10 @@ import torch
 from tqdm import tqdm
 
 from ..config import BackboneConfig
+from ..errors import InputImageError
 from ..models.backbones import Backbone, imagenet_weights_path
-from ..preprocess.images import ImageSpec, load_image
+from ..preprocess.pipeline import PreprocessCache
+from ..records import ImageRecord
 from .augment import Augment
 from .data import item_rng
 
@@ -48,14 +54,15 @@ def weights_id(cfg: BackboneConfig) -> str:
 
 
 class FeatureStore:
-    def __init__(self, cache_dir: str | os.PathLike, backbone_cfg: BackboneConfig, spec: ImageSpec,
+    def __init__(self, cache_dir: str | os.PathLike, backbone_cfg: BackboneConfig, source: PreprocessCache,
                  augment: Augment, copies: int, seed: int = 0):
-        self.backbone_cfg, self.spec, self.augment, self.copies, self.seed = (
-            backbone_cfg, spec, augment, copies, seed)
+        self.backbone_cfg, self.source, self.augment, self.copies, self.seed = (
+            backbone_cfg, source, augment, copies, seed)
+        self.failed: dict[str, str] = {}  # path -> why preprocessing refused it
         self.key = {
             "backbone": backbone_cfg.name,
             "weights": weights_id(backbone_cfg),
-            "image": spec.key(),
+            "image": source.preprocessor.key(),
             "augment": augment.key(),
             "copies": copies,
             "seed": seed,
@@ -65,51 +72,49 @@ class FeatureStore:
         self.dir = Path(cache_dir) / "features" / spec_hash
         self.computed = 0  # images whose features this store computed (not read from disk)
 
-    def _file(self, content_hash: str) -> Path:
-        return self.dir / f"{content_hash[:32]}.npy"
+    def _file(self, rec: ImageRecord) -> Path:
+        return self.dir / self.source.file_for(rec.path, rec.modality, rec.side).name
 
-    def features(self, paths: Sequence[str], backbone: Backbone | None = None, batch_size: int = 32,
+    def features(self, records: Sequence[ImageRecord], backbone: Backbone | None = None, batch_size: int = 32,
                  device: torch.device | str = "cpu", progress: bool = True) -> dict[str, np.ndarray]:
-        """path -> (1 + copies, D) float32 array; computes what the disk cache lacks."""
+        """path -> (1 + copies, D) float32 array for every record preprocessing accepts."""
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "key.json").write_text(json.dumps(self.key, indent=1))
-        unique = list(dict.fromkeys(paths))
-        hashes = {p: file_hash(p) for p in unique}
-        missing = [p for p in unique if not self._file(hashes[p]).is_file()]
+        unique = list({r.path: r for r in records}.values())
+        missing = [r for r in unique if not self._file(r).is_file()]
         if missing:
             if backbone is None:
                 from ..models.backbones import build_backbone
 
                 backbone = build_backbone(self.backbone_cfg)
-            self._compute(missing, hashes, backbone, batch_size, device, progress)
-        return {p: np.load(self._file(hashes[p])) for p in unique}
+            self._compute(missing, backbone, batch_size, device, progress)
+        return {r.path: np.load(self._file(r)) for r in unique if r.path not in self.failed}
 
     @torch.no_grad()
-    def _compute(self, paths, hashes, backbone: Backbone, batch_size, device, progress) -> None:
+    def _compute(self, records: list[ImageRecord], backbone: Backbone, batch_size, device, progress) -> None:
+        """Streams the images through the backbone a batch at a time (never the whole set in memory)."""
         backbone = backbone.to(device).eval()
-        jobs = [(p, c) for p in paths for c in range(1 + self.copies)]
-        rows: dict[str, list[np.ndarray | None]] = {p: [None] * (1 + self.copies) for p in paths}
-        bar = tqdm(total=len(jobs), desc=f"features {self.backbone_cfg.name}", unit="img",
+        per_batch = max(1, batch_size // (1 + self.copies))
+        bar = tqdm(total=len(records), desc=f"features {self.backbone_cfg.name}", unit="img",
                    disable=not progress, leave=False)
-        plain: dict[str, torch.Tensor] = {}
-        for start in range(0, len(jobs), batch_size):
-            chunk = jobs[start:start + batch_size]
-            images = []
-            for path, copy in chunk:
-                if path not in plain:
-                    plain[path] = torch.from_numpy(load_image(path, self.spec)).unsqueeze(0)
-                img = plain[path]
-                if copy:
-                    img = self.augment(img, item_rng(self.seed, copy, 0, hashes[path]))
-                images.append(img)
-            feats = backbone(torch.stack(images).to(device)).float().cpu().numpy()
-            for (path, copy), f in zip(chunk, feats, strict=True):
-                rows[path][copy] = f
-                if all(r is not None for r in rows[path]):
-                    _save_atomic(self._file(hashes[path]), np.stack(rows[path]))
-                    plain.pop(path, None)
+        for start in range(0, len(records), per_batch):
+            images, owners = [], []
+            for rec in records[start:start + per_batch]:
+                try:
+                    plain = torch.from_numpy(self.source.get(rec.path, rec.modality, rec.side)).unsqueeze(0)
+                except InputImageError as exc:
+                    self.failed[rec.path] = str(exc)
+                    continue
+                for copy in range(1 + self.copies):
+                    rng = item_rng(self.seed, copy, 0, self._file(rec).stem)
+                    images.append(self.augment(plain, rng) if copy else plain)
+                owners.append(rec)
+            if images:
+                feats = backbone(torch.stack(images).to(device)).float().cpu().numpy()
+                for i, rec in enumerate(owners):
+                    _save_atomic(self._file(rec), feats[i * (1 + self.copies):(i + 1) * (1 + self.copies)])
                     self.computed += 1
-            bar.update(len(chunk))
+            bar.update(len(records[start:start + per_batch]))
         bar.close()
 
 
