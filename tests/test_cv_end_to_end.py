@@ -60,3 +60,22 @@ def test_resume_skips_done_folds_and_gives_identical_metrics(tmp_path):
     # and a fresh run with the same seed reproduces the metrics exactly
     third = run_experiment(manifest, rows, tmp_path / "again", progress=False)
     assert third["rows"][0]["patient"] == first["rows"][0]["patient"]
+
+
+def test_refused_doppler_image_is_dropped_with_its_reason_and_the_run_goes_on(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    manifest = read_manifest(write_tiny_cohort(tmp_path / "data", n_cases=20))
+    doppler = next(r for r in manifest.records if r.modality.value == "US")
+    rgb = np.stack([np.asarray(Image.open(doppler.path))] * 3, axis=-1)
+    rgb[4:20, 4:20] = (255, 0, 0)  # a colour-flow patch
+    Image.fromarray(rgb).save(doppler.path)
+    rows = _rows(tmp_path, "cached")[:1]  # US only
+    metrics = run_experiment(manifest, rows, tmp_path / "run", progress=False)
+    row = metrics["rows"][0]
+    assert row["refused_images"] == 1
+    assert row["excluded"] == {"instance: US image refused by preprocessing": 1}
+    refused = json.loads((tmp_path / "run" / "rows" / "US" / "refused_images.json").read_text())
+    assert list(refused) == [doppler.path] and "colour" in refused[doppler.path].lower()
+    assert sum(map(sum, row["patient"]["confusion"])) == 20  # the case keeps its other US image
