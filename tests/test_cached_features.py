@@ -10,6 +10,7 @@ from breastfusion.training.augment import Augment
 from breastfusion.training.data import FeatureInstances, ImageInstances
 from breastfusion.training.features import FeatureStore
 from breastfusion.training.instances import build_instances
+
 from conftest import tiny_model_config, write_tiny_cohort
 
 

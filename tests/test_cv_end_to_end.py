@@ -8,6 +8,7 @@ import pytest
 from breastfusion.config import BackboneConfig, CVConfig, RunConfig, TrainConfig
 from breastfusion.experiment import run_experiment
 from breastfusion.records import read_manifest
+
 from conftest import tiny_model_config, write_tiny_cohort
 
 

@@ -8,6 +8,7 @@ from breastfusion.errors import WeightsError
 from breastfusion.models.backbones import build_backbone, imagenet_weights_path, read_state_dict
 from breastfusion.models.network import BreastFusionNet
 from breastfusion.vocab import N_CLASSES
+
 from conftest import tiny_model_config
 
 

@@ -6,6 +6,7 @@ from breastfusion.config import BackboneConfig, CVConfig, RunConfig, TrainConfig
 from breastfusion.experiment import run_experiment
 from breastfusion.ingest.folder import ingest_folder, write_ingest
 from breastfusion.records import read_manifest
+
 from conftest import SHARED_DATASETS, requires_shared_datasets, tiny_model_config
 from test_ingest import write_dicom
 

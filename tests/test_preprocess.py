@@ -35,6 +35,7 @@ from breastfusion.preprocess.ultrasound import (
     crop_scan_area,
 )
 from breastfusion.vocab import Modality, Side
+
 from conftest import SHARED_DATASETS, requires_shared_datasets
 
 # -- generated images -----------------------------------------------------------------------------

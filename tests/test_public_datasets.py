@@ -31,6 +31,7 @@ from breastfusion.errors import BreastFusionError
 from breastfusion.records import ImageRecord, Manifest, case_id, read_manifest, validate
 from breastfusion.training.splits import assign_folds
 from breastfusion.vocab import Kind, Label, Modality, Side, View
+
 from conftest import SHARED_DATASETS, requires_shared_datasets
 
 # ---------------------------------------------------------------- fake layouts

@@ -5,6 +5,7 @@ import pytest
 from breastfusion.errors import ManifestError
 from breastfusion.records import read_manifest
 from breastfusion.vocab import MG_SLOTS, Label, Modality
+
 from conftest import write_tiny_cohort
 
 

@@ -14,11 +14,17 @@ from .errors import BreastFusionError
 
 
 def _command_line() -> str:
-    return "breastfusion " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    """The command as typed (recorded with every result)."""
+    args = click.get_current_context().meta.get("breastfusion.argv", sys.argv[1:])
+    return "breastfusion " + " ".join(shlex.quote(a) for a in args)
 
 
 class _Group(click.Group):
     """Prints the project's own errors as one line (traceback only with --debug)."""
+
+    def parse_args(self, ctx, args):
+        ctx.meta["breastfusion.argv"] = list(args)
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx):
         try:

@@ -1,0 +1,53 @@
+"""The command line: each command on small generated inputs; input errors as one line, exit code 2."""
+
+import yaml
+from click.testing import CliRunner
+
+from breastfusion.cli import main
+from breastfusion.config import BackboneConfig, CVConfig, RunConfig, TrainConfig, to_dict
+
+from conftest import tiny_model_config, write_tiny_cohort
+
+
+def test_synth_then_validate(tmp_path):
+    runner = CliRunner()
+    out = runner.invoke(main, ["synth", "-o", str(tmp_path / "c"), "--patients", "6", "--size", "48"])
+    assert out.exit_code == 0, out.output
+    out = runner.invoke(main, ["validate", str(tmp_path / "c" / "manifest.csv")])
+    assert out.exit_code == 0 and "6 cases" in out.output
+
+
+def test_bad_manifest_is_one_clear_error_without_traceback(tmp_path):
+    bad = tmp_path / "m.csv"
+    bad.write_text("patient_id,side,modality,path,label\nP1,L,US,missing.png,cancer\n")
+    out = CliRunner().invoke(main, ["validate", str(bad)])
+    assert out.exit_code == 2
+    assert "Traceback" not in out.output
+    assert "unknown label 'cancer'" in out.output
+
+
+def test_config_prints_a_preset_row_that_round_trips():
+    out = CliRunner().invoke(main, ["config", "table3", "--row", "cross-attn MM single head"])
+    assert out.exit_code == 0, out.output
+    (row,) = yaml.safe_load(out.output)["rows"]
+    assert row["model"]["fusion"] == "cross_attention" and row["model"]["attention_heads"] == 1
+
+
+def test_experiment_from_a_config_file(tmp_path):
+    manifest = write_tiny_cohort(tmp_path / "data", n_cases=12)
+    model = tiny_model_config(modalities=["US"],
+                              backbone=BackboneConfig(name="resnet18", weights="none", frozen="all", image_size=32))
+    row = RunConfig(name="tiny US", model=model, cv=CVConfig(folds=4, test_folds=1),
+                    train=TrainConfig(mode="cached", epochs=1, batch_size=8, cache_dir=str(tmp_path / "cache")))
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"rows": [to_dict(row)]}))
+    out = CliRunner().invoke(main, ["experiment", str(cfg), "--manifest", str(manifest), "-o",
+                                    str(tmp_path / "run"), "--quiet"])
+    assert out.exit_code == 0, out.output
+    assert (tmp_path / "run" / "report.md").is_file()
+    assert "breastfusion experiment" in (tmp_path / "run" / "command.txt").read_text()
+
+
+def test_unknown_preset_or_file_is_an_error(tmp_path):
+    out = CliRunner().invoke(main, ["experiment", "nonsense", "--manifest", "x.csv", "-o", str(tmp_path)])
+    assert out.exit_code == 2 and "neither a preset" in out.output
