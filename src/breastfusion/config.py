@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from .atomic import write_text
 from .errors import ConfigError
 from .vocab import MG_SLOTS, MGSlot, Modality
 
@@ -206,12 +207,7 @@ def _coerce(value, hint, where):
 
 
 def save_yaml(cfg, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
-    return path
+    return write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def load_run_config(path: str | Path) -> RunConfig:

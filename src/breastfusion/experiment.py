@@ -22,6 +22,7 @@ from pathlib import Path
 
 import yaml
 
+from .atomic import write_text
 from .config import RunConfig, to_dict
 from .errors import ConfigError
 from .evaluation.aggregate import aggregate
@@ -46,8 +47,8 @@ def run_experiment(manifest: Manifest, rows: Sequence[RunConfig], out_dir: str |
         row.validate()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _write(out / "config.yaml", yaml.safe_dump({"rows": [to_dict(r) for r in rows]}, sort_keys=False))
-    _write(out / "command.txt", command + "\n")
+    write_text(out / "config.yaml", yaml.safe_dump({"rows": [to_dict(r) for r in rows]}, sort_keys=False))
+    write_text(out / "command.txt", command + "\n")
     started = time.time()
     results, patients = [], []
     for row in rows:
@@ -82,14 +83,8 @@ def run_experiment(manifest: Manifest, rows: Sequence[RunConfig], out_dir: str |
         "wall time": f"{time.time() - started:.0f} s",
     }
     metrics = {"rows": results, "provenance": provenance}
-    _write(out / "metrics.json", json.dumps(metrics, indent=1, allow_nan=True))
-    _write(out / "report.md", report_markdown(title, results, provenance))
+    write_text(out / "metrics.json", json.dumps(metrics, indent=1, allow_nan=True))
+    write_text(out / "report.md", report_markdown(title, results, provenance))
     plot_roc(patients, out / "roc.png")
     plot_confusion([(r["name"], r["patient"]["confusion"]) for r in results], out / "confusion.png")
     return metrics
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from .atomic import atomic_path
 from .errors import ManifestError
 from .vocab import MG_SLOTS, Kind, Label, MGSlot, Modality, Side, View
 
@@ -131,14 +132,11 @@ def _row(rec: ImageRecord, root: Path | None) -> dict[str, str]:
 def write_manifest(records: Iterable[ImageRecord], path: str | os.PathLike) -> Path:
     """Write records as CSV with paths relative to the CSV's folder (atomic)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=COLUMNS)
         writer.writeheader()
         for rec in records:
             writer.writerow(_row(rec, path.parent.resolve()))
-    os.replace(tmp, path)
     return path
 
 

@@ -45,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import write_text
 from ..records import ImageRecord, write_manifest
 from ..vocab import Label, Modality
 
@@ -57,10 +58,7 @@ class VirtualCohort:
     def write(self, manifest_path: str | os.PathLike) -> Path:
         """Write the manifest CSV and, beside it, ``<name>.report.json``."""
         path = write_manifest(self.records, manifest_path)
-        report_path = path.with_name(path.stem + ".report.json")
-        tmp = report_path.with_name(report_path.name + ".tmp")
-        tmp.write_text(json.dumps(self.report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp, report_path)
+        write_text(path.with_name(path.stem + ".report.json"), json.dumps(self.report, indent=2, sort_keys=True) + "\n")
         return path
 
 

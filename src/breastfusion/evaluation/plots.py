@@ -13,6 +13,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
+from ..atomic import atomic_path  # noqa: E402
 from ..vocab import CLASS_NAMES  # noqa: E402
 from .aggregate import PROBA_COLUMNS  # noqa: E402
 
@@ -68,9 +69,7 @@ def plot_confusion(matrices: Sequence[tuple[str, list[list[int]]]], path: str | 
 
 def _save(fig, path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    tmp.replace(path)
     return path

@@ -78,6 +78,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from ..atomic import atomic_path
 from ..errors import BreastFusionError, InputImageError, ManifestError
 from ..records import ImageRecord, validate, write_manifest
 from ..vocab import Kind, Label, Modality, Side, View
@@ -163,12 +164,10 @@ def write_ingest(result: IngestResult, out_csv: PathLike) -> tuple[Path, Path]:
     """Write the manifest and `skipped.csv` (path, reason) beside it, each atomically."""
     manifest = write_manifest(result.records, out_csv)
     skipped = manifest.parent / "skipped.csv"
-    tmp = skipped.with_name(skipped.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+    with atomic_path(skipped) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(["path", "reason"])
         writer.writerows(result.skipped)
-    os.replace(tmp, skipped)
     return manifest, skipped
 
 

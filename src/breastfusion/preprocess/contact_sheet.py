@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_path
 from ..errors import BreastFusionError
 from ..vocab import Modality, Side
 from .images import read_grey
@@ -77,10 +78,8 @@ def contact_sheet(items: Sequence[Item], preprocessor: Preprocessor, out_png: st
                         color="darkred" if alarm else "black")
     fig.tight_layout()
     out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.png")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png")
     return out
 
 

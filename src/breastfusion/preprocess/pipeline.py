@@ -29,13 +29,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
+from ..atomic import save_npy, write_text
 from ..vocab import Modality, Side
 from .images import pad_to_square, read_grey, resize
 from .mammo import CropInfo, MammoCrop, crop_breast_mask, orient_info
@@ -203,25 +203,7 @@ class PreprocessCache:
         return arr
 
     def _store(self, file: Path, arr: np.ndarray) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
         if not self._key_written:
-            _write_atomic(self.dir / "key.json", json.dumps(self.preprocessor.key(), indent=1).encode())
+            write_text(self.dir / "key.json", json.dumps(self.preprocessor.key(), indent=1))
             self._key_written = True
-        tmp = file.with_name(f"{file.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-        try:
-            with open(tmp, "wb") as fh:
-                np.save(fh, arr.astype(np.float32, copy=False))
-            os.replace(tmp, file)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+        save_npy(file, arr)

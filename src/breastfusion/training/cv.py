@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from ..atomic import atomic_path, write_text
 from ..config import ModelConfig, RunConfig
 from ..errors import BreastFusionError, InputImageError
 from ..evaluation.aggregate import PROBA_COLUMNS
@@ -131,7 +132,7 @@ def cross_validate(manifest: Manifest, cfg: RunConfig, out_dir: str | os.PathLik
     data = prepare(manifest, cfg, progress)
     if data.failed:
         out_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(out_dir / "refused_images.json", json.dumps(data.failed, indent=1))
+        write_text(out_dir / "refused_images.json", json.dumps(data.failed, indent=1))
     frames = []
     for split in data.splits:
         fold_dir = out_dir / "folds" / f"fold_{split.fold}"
@@ -181,10 +182,9 @@ def run_fold(instances: list[Instance], split: FoldSplit, cfg: RunConfig, fold_d
             "n_cases": {"train": len(split.train), "test": len(split.test), "val": len(split.val)},
             "n_instances": {"train": len(train), "test": len(test), "val": len(val)},
             "history": result.history}
-    _write_atomic(fold_dir / "fit.json", json.dumps(info, indent=1))
-    tmp = fold_dir / "predictions.csv.tmp"
-    rows.to_csv(tmp, index=False)
-    os.replace(tmp, fold_dir / "predictions.csv")
+    write_text(fold_dir / "fit.json", json.dumps(info, indent=1))
+    with atomic_path(fold_dir / "predictions.csv") as tmp:  # its presence marks the fold done
+        rows.to_csv(tmp, index=False)
     return rows
 
 
@@ -239,9 +239,3 @@ class _Trainer:
         result = fit(model, self.loader(train, True), self.loader(test, False), self.cfg.train,
                      model_cfg.arcface_loss_weight, self.device, progress=self.progress, desc=desc)
         return model, result
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

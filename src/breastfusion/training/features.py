@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..atomic import save_npy
 from ..config import BackboneConfig
 from ..errors import InputImageError
 from ..models.backbones import Backbone, imagenet_weights_path
@@ -112,14 +113,7 @@ class FeatureStore:
             if images:
                 feats = backbone(torch.stack(images).to(device)).float().cpu().numpy()
                 for i, rec in enumerate(owners):
-                    _save_atomic(self._file(rec), feats[i * (1 + self.copies):(i + 1) * (1 + self.copies)])
+                    save_npy(self._file(rec), feats[i * (1 + self.copies):(i + 1) * (1 + self.copies)])
                     self.computed += 1
             bar.update(len(records[start:start + per_batch]))
         bar.close()
-
-
-def _save_atomic(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        np.save(fh, array.astype(np.float32))
-    os.replace(tmp, path)
