@@ -15,8 +15,8 @@ from pathlib import Path
 
 import yaml
 
-from .atomic import write_text
 from .errors import ConfigError
+from .files import write_text
 from .vocab import MG_SLOTS, MGSlot, Modality
 
 BACKBONES = ("resnet50", "resnet18", "googlenet", "efficientnet_lite0")

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import yaml
 
-from .atomic import write_text
 from .config import RunConfig, to_dict
 from .errors import ConfigError
 from .evaluation.aggregate import aggregate
 from .evaluation.plots import plot_confusion, plot_roc
 from .evaluation.report import describe_row, evaluate_predictions, report_markdown
+from .files import write_text
 from .provenance import git_commit, machine, now, versions
 from .records import Manifest
 from .training.cv import cross_validate

@@ -16,8 +16,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .atomic import atomic_path
 from .errors import ManifestError
+from .files import atomic_path
 from .vocab import MG_SLOTS, Kind, Label, MGSlot, Modality, Side, View
 
 COLUMNS: tuple[str, ...] = ("patient_id", "side", "modality", "view", "kind", "path", "label", "group")

@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import write_text
+from ..files import write_text
 from ..records import ImageRecord, write_manifest
 from ..vocab import Label, Modality
 

@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
-from ..atomic import atomic_path  # noqa: E402
+from ..files import atomic_path  # noqa: E402
 from ..vocab import CLASS_NAMES  # noqa: E402
 from .aggregate import PROBA_COLUMNS  # noqa: E402
 

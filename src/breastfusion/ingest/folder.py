@@ -78,8 +78,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ..atomic import atomic_path
 from ..errors import BreastFusionError, InputImageError, ManifestError
+from ..files import atomic_path
 from ..records import ImageRecord, validate, write_manifest
 from ..vocab import Kind, Label, Modality, Side, View
 from .dicom import describe

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import atomic_path
 from ..errors import BreastFusionError
+from ..files import atomic_path
 from ..vocab import Modality, Side
 from .images import read_grey
 from .pipeline import Preprocessor, read_rgb

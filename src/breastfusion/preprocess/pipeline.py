@@ -35,7 +35,7 @@ from typing import Literal
 
 import numpy as np
 
-from ..atomic import save_npy, write_text
+from ..files import save_npy, sha256_file, write_text
 from ..vocab import Modality, Side
 from .images import pad_to_square, read_grey, resize
 from .mammo import CropInfo, MammoCrop, crop_breast_mask, orient_info
@@ -172,12 +172,9 @@ class PreprocessCache:
         known = self._hashes.get(key)
         if known is not None and known[:2] == (st.st_mtime_ns, st.st_size):
             return known[2]
-        digest = hashlib.sha256()
-        with open(key, "rb") as fh:
-            while block := fh.read(1 << 20):
-                digest.update(block)
-        self._hashes[key] = (st.st_mtime_ns, st.st_size, digest.hexdigest())
-        return digest.hexdigest()
+        digest = sha256_file(key)
+        self._hashes[key] = (st.st_mtime_ns, st.st_size, digest)
+        return digest
 
     def file_for(self, path: str | os.PathLike, modality: Modality | str, side: Side | str | None) -> Path:
         modality = Modality.parse(modality)

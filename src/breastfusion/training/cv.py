@@ -21,10 +21,10 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..atomic import atomic_path, write_text
 from ..config import ModelConfig, RunConfig
 from ..errors import BreastFusionError, InputImageError
 from ..evaluation.aggregate import PROBA_COLUMNS
+from ..files import atomic_path, write_text
 from ..models.network import BreastFusionNet, FusionHead, HeadOnly, transfer_branch
 from ..preprocess.pipeline import PreprocessCache, Preprocessor
 from ..records import ImageRecord, Manifest

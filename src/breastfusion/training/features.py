@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..atomic import save_npy
 from ..config import BackboneConfig
 from ..errors import InputImageError
+from ..files import save_npy, sha256_file
 from ..models.backbones import Backbone, imagenet_weights_path
 from ..preprocess.pipeline import PreprocessCache
 from ..records import ImageRecord
@@ -39,19 +39,11 @@ from .augment import Augment
 from .data import item_rng
 
 
-def file_hash(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def weights_id(cfg: BackboneConfig) -> str:
     if cfg.weights in ("none", ""):
         return "none"
     path = imagenet_weights_path(cfg.name) if cfg.weights == "imagenet" else Path(cfg.weights)
-    return file_hash(path)[:16]
+    return sha256_file(path)[:16]
 
 
 class FeatureStore:

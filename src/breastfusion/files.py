@@ -1,7 +1,9 @@
-"""Atomic file writes: every output appears whole or not at all (temporary sibling + os.replace)."""
+"""File helpers: atomic writes (every output appears whole or not at all: temporary
+sibling + os.replace) and content hashes (cache keys)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -41,3 +43,12 @@ def save_npy(path: str | os.PathLike, array: np.ndarray) -> Path:
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         np.save(fh, np.asarray(array, dtype=np.float32))
     return Path(path)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
