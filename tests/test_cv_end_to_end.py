@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from breastfusion.config import BackboneConfig, CVConfig, RunConfig, TrainConfig
+from breastfusion.config import BackboneConfig, CVConfig, RunConfig, TrainConfig, load_run_config
 from breastfusion.experiment import run_experiment
 from breastfusion.records import read_manifest
 
@@ -41,6 +41,10 @@ def test_experiment_writes_metrics_report_and_plots(tmp_path, mode):
         assert set(patient["accuracy"]) >= {"mean", "std"}
         assert sum(map(sum, patient["confusion"])) == 20  # every case validated exactly once
     assert metrics["rows"][0]["fusion"] is None and metrics["rows"][2]["fusion"] == "concat"
+    for name in ("US", "MG", "MM"):
+        row_dir = out / "rows" / name
+        assert (row_dir / "roc.png").is_file() and (row_dir / "predictions_patients.csv").is_file()
+        assert load_run_config(row_dir / "config.yaml").name == name  # each row reproducible alone
     report = (out / "report.md").read_text()
     assert "| model | MG views | ArcFace | AUC normal" in report
 

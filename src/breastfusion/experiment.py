@@ -7,7 +7,8 @@ Run folder::
     metrics.json       {"rows": [...], "provenance": {...}}
     report.md          Table 3 layout + per-row detail
     roc.png, confusion.png
-    rows/<name>/       folds/fold_K/{predictions.csv, fit.json},
+    rows/<name>/       config.yaml (this row alone), roc.png,
+                       folds/fold_K/{predictions.csv, fit.json},
                        predictions_instances.csv, predictions_patients.csv
 """
 
@@ -27,7 +28,7 @@ from .errors import ConfigError
 from .evaluation.aggregate import aggregate
 from .evaluation.plots import plot_confusion, plot_roc
 from .evaluation.report import describe_row, evaluate_predictions, report_markdown
-from .files import write_text
+from .files import atomic_path, write_text
 from .provenance import git_commit, machine, now, versions
 from .records import Manifest
 from .training.cv import cross_validate
@@ -58,16 +59,23 @@ def run_experiment(manifest: Manifest, rows: Sequence[RunConfig], out_dir: str |
             print(f"[{row.name}] cross-validating ({row.cv.folds} folds, {row.train.mode} mode)", flush=True)
         result = cross_validate(manifest, row, row_dir, progress=progress)
         instances = result.predictions
-        patient_table = aggregate(instances, "vote")
-        instances.to_csv(row_dir / "predictions_instances.csv", index=False)
-        patient_table.to_csv(row_dir / "predictions_patients.csv", index=False)
+        patient_means = aggregate(instances, "mean")
+        for name, table in (("predictions_instances.csv", instances),
+                            ("predictions_patients.csv", aggregate(instances, "vote"))):
+            with atomic_path(row_dir / name) as tmp:
+                table.to_csv(tmp, index=False)
+        write_text(row_dir / "config.yaml", yaml.safe_dump(to_dict(row), sort_keys=False))
+        plot_roc([(row.name, patient_means)], row_dir / "roc.png")
         entry = describe_row(row)
         entry.update(evaluate_predictions(instances))
         entry["excluded"] = dict(result.data.skipped)
         entry["refused_images"] = len(result.data.failed)
         entry["seconds"] = round(time.time() - t0, 1)
+        rel = row_dir.relative_to(out).as_posix()
+        entry["files"] = {"config": f"{rel}/config.yaml", "roc": f"{rel}/roc.png",
+                          "predictions": f"{rel}/predictions_instances.csv"}
         results.append(entry)
-        patients.append((row.name, aggregate(instances, "mean")))
+        patients.append((row.name, patient_means))
         if progress:
             auc = entry["patient"]["auc"]
             print(f"[{row.name}] patient AUC " + ", ".join(

@@ -107,7 +107,9 @@ def report_markdown(title: str, rows: Sequence[dict], provenance: dict) -> str:
             "",
             f"modalities {', '.join(r['modalities'])}; fusion {r['fusion'] or '-'}; ArcFace "
             f"{'yes' if r['arcface'] else 'no'}; backbone {r['backbone']} ({r['weights']}); "
-            f"mode {r['mode']}; {r['folds']} folds.",
+            f"mode {r['mode']}; {r['folds']} folds."
+            + (f" Config `{r['files']['config']}`, ROC `{r['files']['roc']}`, predictions "
+               f"`{r['files']['predictions']}`." if "files" in r else ""),
             "",
             "| level | " + " | ".join(f"AUC {c}" for c in CLASS_NAMES) + " | "
             + " | ".join(f"recall {c}" for c in CLASS_NAMES) + " | accuracy |",
