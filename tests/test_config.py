@@ -57,8 +57,9 @@ EXPECTED_DIFFS = {
     "cross-attn MM without ArcFace": {"model.fusion", "model.arcface"},
     "cross-attn MM single head": {"model.fusion", "model.attention_heads"},
     "cross-attn MM L2-normalised": {"model.fusion", "model.l2_normalize"},
-    "GoogLeNet MM": {"model.backbone.name", "model.arcface"},
-    "GoogLeNet MM without C-View": {"model.backbone.name", "model.arcface", "model.mg_slots"},
+    "GoogLeNet MM": {"model.backbone.name", "model.arcface", "model.head"},
+    "GoogLeNet MM without C-View": {"model.backbone.name", "model.arcface", "model.head", "model.mg_slots"},
+    "plain head MM (Habib) on reference backbone": {"model.arcface", "model.head"},
 }
 
 

@@ -84,3 +84,12 @@ def test_refused_doppler_image_is_dropped_with_its_reason_and_the_run_goes_on(tm
     refused = json.loads((tmp_path / "run" / "rows" / "US" / "refused_images.json").read_text())
     assert list(refused) == [doppler.path] and "colour" in refused[doppler.path].lower()
     assert sum(map(sum, row["patient"]["confusion"])) == 20  # the case keeps its other US image
+
+
+def test_plain_habib_head_row_cross_validates(tmp_path):
+    manifest = read_manifest(write_tiny_cohort(tmp_path / "data", n_cases=20))
+    row = _rows(tmp_path, "cached")[2]
+    row.name = "plain head MM"
+    row.model.head, row.model.arcface = "plain", False
+    metrics = run_experiment(manifest, [row], tmp_path / "run", progress=False)
+    assert sum(map(sum, metrics["rows"][0]["patient"]["confusion"])) == 20

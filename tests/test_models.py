@@ -170,3 +170,23 @@ def test_transfer_branch_copies_and_freezes_one_modality():
         a = single.eval()(_batch()).embeddings[Modality.US]
         b = fused.eval()(_batch()).embeddings[Modality.US]
     assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_plain_habib_head_averages_present_views_and_concatenates():
+    from breastfusion.models.network import PlainFusionHead
+
+    cfg = tiny_model_config(head="plain", arcface=False)
+    head = PlainFusionHead(cfg, feat_dim=5)
+    mg = torch.randn(2, 4, 5)
+    mask = torch.tensor([[True, False, True, False], [True, True, True, True]])
+    us = torch.randn(2, 5)
+    out = head(mg, mask, us)
+    expected_mg = torch.stack([mg[0, [0, 2]].mean(0), mg[1].mean(0)])
+    expected = head.classifier(torch.cat([expected_mg, us], dim=1))
+    assert torch.allclose(out.logits, expected, atol=1e-6)
+    assert not out.arc_logits and not out.embeddings
+    mg2 = mg.clone()
+    mg2[0, 1] = float("nan")  # a masked view never reaches the output
+    assert torch.allclose(head(mg2, mask, us).logits, out.logits, atol=1e-6)
+    net = BreastFusionNet(cfg).eval()
+    assert net(_batch()).logits.shape == (3, N_CLASSES)

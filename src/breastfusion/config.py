@@ -55,6 +55,10 @@ class ModelConfig:
     # keeps only the two 2D slots.
     mg_slots: list[str] = field(default_factory=lambda: [s.name for s in MG_SLOTS])
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    # "paper": branches, view attention, ArcFace and fusion as method.md; "plain": the
+    # Habib et al. 2020 baseline's head: per-modality backbone features (MG views
+    # averaged) concatenated -> one linear layer -> 3, no ArcFace, no attention.
+    head: str = "paper"
     branch_dims: list[int] = field(default_factory=lambda: [1024, 512])  # FC 2048->1024->512
     view_attention_dim: int = 128  # hidden size of the view-scoring function (our choice)
     arcface: bool = True
@@ -141,6 +145,10 @@ class RunConfig:
             problems.append(f"backbone.frozen {m.backbone.frozen!r} not in {FROZEN_STAGES}")
         if m.fusion not in FUSIONS:
             problems.append(f"fusion {m.fusion!r} not in {FUSIONS}")
+        if m.head not in ("paper", "plain"):
+            problems.append(f"head {m.head!r} not in (paper, plain)")
+        if m.head == "plain" and m.arcface:
+            problems.append("the plain (Habib) head has no ArcFace layer: set arcface: false")
         if m.fusion_init not in ("branches", "scratch"):
             problems.append(f"fusion_init {m.fusion_init!r} not in (branches, scratch)")
         if m.embedding_dim % m.attention_tokens:

@@ -56,9 +56,14 @@ def _cross(c):
     c.model.fusion = "cross_attention"
 
 
+def _plain_head(c):
+    c.model.head = "plain"
+    c.model.arcface = False
+
+
 def _googlenet(c):
     c.model.backbone.name = "googlenet"
-    c.model.arcface = False
+    _plain_head(c)
 
 
 def _chain(*edits):
@@ -81,6 +86,8 @@ TABLE3: tuple[tuple[str, Callable[[RunConfig], None]], ...] = (
     ("cross-attn MM L2-normalised", _chain(_cross, lambda c: setattr(c.model, "l2_normalize", True))),
     ("GoogLeNet MM", _googlenet),
     ("GoogLeNet MM without C-View", _chain(_googlenet, _no_synth)),
+    # Habib's plain head on the reference backbone: isolates what the head contributes
+    ("plain head MM (Habib) on reference backbone", _plain_head),
 )
 
 DEMO = ("single US", "single MG", "concat MM")

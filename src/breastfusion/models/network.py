@@ -30,6 +30,33 @@ class NetOutput:
     view_weights: torch.Tensor | None = None  # (B, V) MG view attention
 
 
+class PlainFusionHead(nn.Module):
+    """Habib et al. 2020's head: backbone features of each modality (MG views averaged over
+    the present ones) concatenated, one linear layer, 3 logits; no attention, no ArcFace."""
+
+    def __init__(self, cfg: ModelConfig, feat_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        self.modalities = cfg.modality_set
+        self.classifier = nn.Linear(feat_dim * len(self.modalities), N_CLASSES)
+
+    def forward(self, mg_feat: torch.Tensor | None = None, mg_mask: torch.Tensor | None = None,
+                us_feat: torch.Tensor | None = None, target: torch.Tensor | None = None) -> NetOutput:
+        parts = []
+        if Modality.MG in self.modalities:
+            weights = mg_mask.to(mg_feat.dtype)
+            weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(1.0)
+            mg_feat = torch.where(mg_mask.unsqueeze(-1).to(torch.bool), mg_feat, torch.zeros_like(mg_feat))
+            parts.append(torch.einsum("bv,bvd->bd", weights, mg_feat))
+        if Modality.US in self.modalities:
+            parts.append(us_feat)
+        return NetOutput(logits=self.classifier(torch.cat(parts, dim=1)))
+
+
+def build_head(cfg: ModelConfig, feat_dim: int) -> nn.Module:
+    return PlainFusionHead(cfg, feat_dim) if cfg.head == "plain" else FusionHead(cfg, feat_dim)
+
+
 class FusionHead(nn.Module):
     def __init__(self, cfg: ModelConfig, feat_dim: int):
         super().__init__()
@@ -89,7 +116,7 @@ class BreastFusionNet(nn.Module):
         self.mg_backbone = backbones.get(Modality.MG)
         self.us_backbone = backbones.get(Modality.US)
         feat_dim = next(iter(backbones.values())).out_dim
-        self.head = FusionHead(cfg, feat_dim)
+        self.head = build_head(cfg, feat_dim)
 
     def backbone(self, modality: Modality) -> Backbone:
         found = self.mg_backbone if modality is Modality.MG else self.us_backbone
@@ -129,7 +156,7 @@ def features_of(batch: dict[str, torch.Tensor], modalities, net: BreastFusionNet
 class HeadOnly(nn.Module):
     """The head alone, fed cached features: what cached-feature training trains."""
 
-    def __init__(self, head: FusionHead):
+    def __init__(self, head: nn.Module):
         super().__init__()
         self.head = head
 

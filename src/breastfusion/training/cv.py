@@ -25,7 +25,7 @@ from ..config import ModelConfig, RunConfig
 from ..errors import BreastFusionError, InputImageError
 from ..evaluation.aggregate import PROBA_COLUMNS
 from ..files import atomic_path, write_text
-from ..models.network import BreastFusionNet, FusionHead, HeadOnly, transfer_branch
+from ..models.network import BreastFusionNet, HeadOnly, build_head, transfer_branch
 from ..preprocess.pipeline import PreprocessCache, Preprocessor
 from ..records import ImageRecord, Manifest
 from ..vocab import Modality
@@ -157,7 +157,7 @@ def run_fold(instances: list[Instance], split: FoldSplit, cfg: RunConfig, fold_d
     train, test, val = part(split.train), part(split.test), part(split.val)
     trainer = _Trainer(cfg, features, seed, device, progress)
     pretrained = {}
-    if cfg.model.multimodal and cfg.model.fusion_init == "branches":
+    if cfg.model.multimodal and cfg.model.fusion_init == "branches" and cfg.model.head == "paper":
         # The paper's fusion: single-modality networks trained first (same fold, same
         # splits) serve as feature extractors for the fusion layers.
         for modality in cfg.model.modality_set:
@@ -227,7 +227,7 @@ class _Trainer:
     def build(self, model_cfg: ModelConfig) -> torch.nn.Module:
         torch.manual_seed(self.seed)
         if self.cfg.train.mode == "cached":
-            return HeadOnly(FusionHead(model_cfg, next(iter(self.features.values())).shape[-1]))
+            return HeadOnly(build_head(model_cfg, next(iter(self.features.values())).shape[-1]))
         return BreastFusionNet(model_cfg)
 
     def train(self, model_cfg: ModelConfig, train: list[Instance], test: list[Instance], desc: str,
