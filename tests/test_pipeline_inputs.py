@@ -8,9 +8,7 @@ from breastfusion.ingest.folder import ingest_folder, write_ingest
 from breastfusion.records import read_manifest
 
 from conftest import SHARED_DATASETS, requires_shared_datasets, tiny_model_config
-from test_ingest import write_dicom
-
-US_SOP = "1.2.840.10008.5.1.4.1.1.6.1"
+from dicom_files import US_SOP, write_dicom
 
 
 def _rows(tmp_path, folds=5):

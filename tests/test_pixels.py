@@ -11,43 +11,15 @@ import numpy as np
 import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
-from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import JPEGLSLossless
 
 from breastfusion.errors import InputImageError
 from breastfusion.ingest import pixels
 from breastfusion.ingest.pixels import read_pixels, read_rgb
 from breastfusion.preprocess.images import read_grey
 
-MG_SOP = "1.2.840.10008.5.1.4.1.1.1.2"
-US_SOP = "1.2.840.10008.5.1.4.1.1.6.1"
-
-
-def write_dicom(path: Path, pixels: np.ndarray, *, photometric: str = "MONOCHROME2",
-                bits_stored: int | None = None, sop_class: str = MG_SOP, **tags) -> Path:
-    """A minimal valid DICOM file (explicit VR little endian) holding `pixels`."""
-    arr = np.ascontiguousarray(pixels)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
-    ds.PatientID, ds.Modality = "P001", "MG"
-    colour = photometric == "RGB"
-    ds.SamplesPerPixel = 3 if colour else 1
-    if colour:
-        ds.PlanarConfiguration = 0
-    ds.PhotometricInterpretation = photometric
-    ds.Rows, ds.Columns = arr.shape[-3:-1] if colour else arr.shape[-2:]
-    ds.BitsAllocated = arr.dtype.itemsize * 8
-    ds.BitsStored = bits_stored or ds.BitsAllocated
-    ds.HighBit, ds.PixelRepresentation = ds.BitsStored - 1, 0
-    ds.PixelData = arr.tobytes()
-    for key, value in tags.items():
-        setattr(ds, key, value)
-    ds.save_as(path, enforce_file_format=True)
-    return path
+from dicom_files import US_SOP, write_dicom
 
 
 def ramp(shape=(16, 32), top=255, dtype=np.uint8) -> np.ndarray:
@@ -87,7 +59,7 @@ def test_monochrome1_is_inverted(tmp_path):
 
 def test_16_bit_with_12_bits_stored_and_window(tmp_path):
     data = ramp(top=4095, dtype=np.uint16)
-    path = write_dicom(tmp_path / "w.dcm", data, bits_stored=12, WindowCenter=2048, WindowWidth=1024)
+    path = write_dicom(tmp_path / "w.dcm", data, BitsStored=12, WindowCenter=2048, WindowWidth=1024)
     out = read_pixels(path)
     assert out.min() == 0.0 and out.max() == 1.0
     assert np.all(out[data <= 1536] == 0.0) and np.all(out[data >= 2560] == 1.0)
@@ -110,7 +82,7 @@ def test_voi_lut_sequence_is_applied_over_its_own_range(tmp_path):
     item = Dataset()
     item.LUTDescriptor = [256, 0, 16]
     item.add_new(0x00283006, "US", [1000 + 4 * (255 - i) for i in range(256)])  # LUTData, inverting
-    path = write_dicom(tmp_path / "lut.dcm", data, bits_stored=8, VOILUTSequence=[item])
+    path = write_dicom(tmp_path / "lut.dcm", data, BitsStored=8, VOILUTSequence=[item])
     out = read_pixels(path)
     assert out[0, 0] == pytest.approx(1.0) and out[-1, -1] == pytest.approx(0.0)
 
@@ -331,7 +303,7 @@ def test_corrupted_files_raise_only_input_image_error(tmp_path):
     rng = np.random.default_rng(0)
     Image.fromarray(ramp((24, 24))).save(tmp_path / "a.png")
     Image.fromarray(ramp((24, 24))).save(tmp_path / "a.jpg")
-    write_dicom(tmp_path / "a.dcm", ramp((24, 24), top=4095, dtype=np.uint16), bits_stored=12)
+    write_dicom(tmp_path / "a.dcm", ramp((24, 24), top=4095, dtype=np.uint16), BitsStored=12)
     write_dicom(tmp_path / "b.dcm", np.repeat(ramp((8, 8))[..., None], 3, 2), photometric="RGB")
     sources = [(tmp_path / n).read_bytes() for n in ("a.png", "a.jpg", "a.dcm", "b.dcm")]
     target = tmp_path / "fuzz"
