@@ -59,15 +59,14 @@ def run_experiment(manifest: Manifest, rows: Sequence[RunConfig], out_dir: str |
             print(f"[{row.name}] cross-validating ({row.cv.folds} folds, {row.train.mode} mode)", flush=True)
         result = cross_validate(manifest, row, row_dir, progress=progress)
         instances = result.predictions
-        patient_means = aggregate(instances, "mean")
-        for name, table in (("predictions_instances.csv", instances),
-                            ("predictions_patients.csv", aggregate(instances, "vote"))):
+        patient_means, patient_votes = aggregate(instances, "mean"), aggregate(instances, "vote")
+        for name, table in (("predictions_instances.csv", instances), ("predictions_patients.csv", patient_votes)):
             with atomic_path(row_dir / name) as tmp:
                 table.to_csv(tmp, index=False)
         write_text(row_dir / "config.yaml", yaml.safe_dump(to_dict(row), sort_keys=False))
         plot_roc([(row.name, patient_means)], row_dir / "roc.png")
         entry = describe_row(row)
-        entry.update(evaluate_predictions(instances))
+        entry.update(evaluate_predictions(instances, patient_votes, patient_means))
         entry["excluded"] = dict(result.data.skipped)
         entry["refused_images"] = len(result.data.failed)
         entry["seconds"] = round(time.time() - t0, 1)

@@ -23,12 +23,16 @@ def fold_metrics(table: pd.DataFrame) -> list[dict]:
     return out
 
 
-def evaluate_predictions(instances: pd.DataFrame) -> dict:
-    """Instance level, patient level by vote, patient level by mean probability."""
+def evaluate_predictions(instances: pd.DataFrame, by_vote: pd.DataFrame | None = None,
+                         by_mean: pd.DataFrame | None = None) -> dict:
+    """Instance level, patient level by vote, patient level by mean probability (patient
+    tables are aggregated here unless the caller already has them)."""
+    by_vote = aggregate(instances, "vote") if by_vote is None else by_vote
+    by_mean = aggregate(instances, "mean") if by_mean is None else by_mean
     return {
         "instance": summarize_folds(fold_metrics(instances)),
-        "patient": summarize_folds(fold_metrics(aggregate(instances, "vote"))),
-        "patient_mean": summarize_folds(fold_metrics(aggregate(instances, "mean"))),
+        "patient": summarize_folds(fold_metrics(by_vote)),
+        "patient_mean": summarize_folds(fold_metrics(by_mean)),
     }
 
 

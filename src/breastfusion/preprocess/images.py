@@ -6,22 +6,10 @@ resizing (method.md, MG preprocessing: "keep aspect ratio by padding").
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import numpy as np
 from PIL import Image
 
 from ..ingest.pixels import read_pixels
-
-
-@dataclass(frozen=True)
-class ImageSpec:
-    """What a preprocessed image is: its side in pixels. Part of every cache key."""
-
-    size: int = 224
-
-    def key(self) -> dict:
-        return asdict(self)
 
 
 def read_grey(path: str) -> np.ndarray:
@@ -43,8 +31,3 @@ def resize(arr: np.ndarray, size: int) -> np.ndarray:
         return arr.astype(np.float32, copy=False)
     img = Image.fromarray(arr.astype(np.float32), mode="F")
     return np.asarray(img.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
-
-
-def load_image(path: str, spec: ImageSpec) -> np.ndarray:
-    """File -> (size, size) float32 array in [0, 1]."""
-    return np.clip(resize(pad_to_square(read_grey(path)), spec.size), 0.0, 1.0)

@@ -44,6 +44,7 @@ class CVData:
     instances: list[Instance]
     splits: list[FoldSplit]
     skipped: Counter  # cases left out, by reason
+    source: PreprocessCache  # preprocessed images (shared by every fold)
     failed: dict[str, str] = field(default_factory=dict)  # image path -> why preprocessing refused it
     features: dict[str, np.ndarray] | None = None  # cached mode: path -> (1 + copies, D)
 
@@ -83,7 +84,7 @@ def prepare(manifest: Manifest, cfg: RunConfig, progress: bool = True) -> CVData
     fold_of = assign_folds([c.case_id for c in kept], [c.label.index for c in kept],
                            [c.group for c in kept], cfg.cv.folds, cfg.cv.seed)
     splits = make_splits(fold_of, cfg.cv.folds, cfg.cv.test_folds)
-    return CVData(instances, splits, skipped, failed, features)
+    return CVData(instances, splits, skipped, source, failed, features)
 
 
 def screen(records: list[ImageRecord], source: PreprocessCache, progress: bool = True) -> dict[str, str]:
@@ -138,24 +139,23 @@ def cross_validate(manifest: Manifest, cfg: RunConfig, out_dir: str | os.PathLik
         fold_dir = out_dir / "folds" / f"fold_{split.fold}"
         done = fold_dir / "predictions.csv"
         if not done.is_file():
-            run_fold(data.instances, split, cfg, fold_dir, data.features, progress)
+            run_fold(data, split, cfg, fold_dir, progress)
         frames.append(pd.read_csv(done))
     return CVResult(pd.concat(frames, ignore_index=True), data)
 
 
-def run_fold(instances: list[Instance], split: FoldSplit, cfg: RunConfig, fold_dir: Path,
-             features: dict[str, np.ndarray] | None, progress: bool = True) -> pd.DataFrame:
+def run_fold(data: CVData, split: FoldSplit, cfg: RunConfig, fold_dir: Path, progress: bool = True) -> pd.DataFrame:
     seed = fold_seed(cfg, split.fold)
     device = pick_device(cfg.train.device)
     by_case: dict[str, list[Instance]] = {}
-    for inst in instances:
+    for inst in data.instances:
         by_case.setdefault(inst.case_id, []).append(inst)
 
     def part(ids):
         return [i for cid in ids for i in by_case.get(cid, [])]
 
     train, test, val = part(split.train), part(split.test), part(split.val)
-    trainer = _Trainer(cfg, features, seed, device, progress)
+    trainer = _Trainer(cfg, data, seed, device, progress)
     pretrained = {}
     if cfg.model.multimodal and cfg.model.fusion_init == "branches" and cfg.model.head == "paper":
         # The paper's fusion: single-modality networks trained first (same fold, same
@@ -207,9 +207,9 @@ def only(instances: list[Instance], modality: Modality) -> list[Instance]:
 class _Trainer:
     """Builds models and loaders for one fold, in fine-tune or cached-feature mode."""
 
-    def __init__(self, cfg: RunConfig, features, seed: int, device: torch.device, progress: bool):
-        self.cfg, self.features, self.seed, self.device, self.progress = cfg, features, seed, device, progress
-        self.source = image_source(cfg)
+    def __init__(self, cfg: RunConfig, data: CVData, seed: int, device: torch.device, progress: bool):
+        self.cfg, self.seed, self.device, self.progress = cfg, seed, device, progress
+        self.features, self.source = data.features, data.source
         self.augment = Augment(cfg.train.hflip_p, cfg.train.rotation_deg)
 
     def loader(self, items: list[Instance], train: bool) -> DataLoader:
