@@ -51,3 +51,13 @@ def test_experiment_from_a_config_file(tmp_path):
 def test_unknown_preset_or_file_is_an_error(tmp_path):
     out = CliRunner().invoke(main, ["experiment", "nonsense", "--manifest", "x.csv", "-o", str(tmp_path)])
     assert out.exit_code == 2 and "neither a preset" in out.output
+
+
+def test_experiment_row_selection_and_second_image_choice(tmp_path):
+    manifest = write_tiny_cohort(tmp_path / "data", n_cases=6)  # has synthesized 2D: the C-View rows stay
+    args = ["experiment", "table3-cpu", "--manifest", str(manifest), "-o", str(tmp_path / "run")]
+    out = CliRunner().invoke(main, args + ["--row", "single MG without MLO"])
+    assert out.exit_code == 2 and "has no row 'single MG without MLO'" in out.output
+    assert "drop the MLO view" not in out.output
+    out = CliRunner().invoke(main, args + ["--second-image", "view", "--row", "nonsense"])
+    assert out.exit_code == 2 and "single MG without MLO" in out.output  # listed among the rows

@@ -64,17 +64,34 @@ EXPECTED_DIFFS = {
 
 
 @pytest.mark.parametrize("base", [paper_reference(), cpu_reference()])
-def test_each_table3_row_differs_from_reference_exactly_in_its_name(base):
-    rows = table3_rows(base)
-    assert [r.name for r in rows] == list(EXPECTED_DIFFS)
+@pytest.mark.parametrize("second_image", ["kind", "view"])
+def test_each_table3_row_differs_from_reference_exactly_in_its_name(base, second_image):
+    rows = table3_rows(base, second_image)
+    without = {"kind": "without C-View", "view": "without MLO"}[second_image]
+    expected = {k.replace("without C-View", without): v for k, v in EXPECTED_DIFFS.items()}
+    assert [r.name for r in rows] == list(expected)
     ref = _flat(base)
     for row in rows:
         row.validate()
         flat = _flat(row)
         diff = {k for k in ref if k != "name" and flat[k] != ref[k]}
-        assert diff == EXPECTED_DIFFS[row.name], row.name
-    no_synth = next(r for r in rows if r.name == "single MG without C-View")
-    assert no_synth.model.mg_slots == ["CC-2D", "MLO-2D"]
+        assert diff == expected[row.name], row.name
+    reduced = next(r for r in rows if r.name == f"single MG {without}")
+    assert reduced.model.mg_slots == {"kind": ["CC-2D", "MLO-2D"], "view": ["CC-2D", "CC-synthesized"]}[second_image]
+
+
+def test_second_image_ablation_follows_the_data():
+    from breastfusion.presets import second_image_of
+    from breastfusion.records import ImageRecord, Manifest
+    from breastfusion.vocab import Kind, Modality, Side, View
+
+    def rec(kind, view=View.CC):
+        return ImageRecord("p", Side.LEFT, Modality.MG, f"/d/{view}{kind}.png", view, kind)
+
+    assert second_image_of(Manifest([rec(Kind.STANDARD), rec(Kind.SYNTHESIZED)])) == "kind"
+    assert second_image_of(Manifest([rec(Kind.STANDARD), rec(Kind.STANDARD, View.MLO)])) == "view"
+    with pytest.raises(ConfigError, match="second_image"):
+        table3_rows(cpu_reference(), "colour")
 
 
 def test_demo_rows_are_us_mg_and_concat():

@@ -1,5 +1,6 @@
 """Cross-validation end to end on a tiny generated cohort, both training modes."""
 
+import copy
 import json
 import os
 
@@ -46,7 +47,8 @@ def test_experiment_writes_metrics_report_and_plots(tmp_path, mode):
         assert (row_dir / "roc.png").is_file() and (row_dir / "predictions_patients.csv").is_file()
         assert load_run_config(row_dir / "config.yaml").name == name  # each row reproducible alone
     report = (out / "report.md").read_text()
-    assert "| model | MG views | ArcFace | AUC normal" in report
+    assert "| model | backbone (weights), mode | MG views | ArcFace | AUC normal" in report
+    assert f"| US | resnet18 (none), {mode} |" in report
 
 
 def test_resume_skips_done_folds_and_gives_identical_metrics(tmp_path):
@@ -93,3 +95,38 @@ def test_plain_habib_head_row_cross_validates(tmp_path):
     row.model.head, row.model.arcface = "plain", False
     metrics = run_experiment(manifest, [row], tmp_path / "run", progress=False)
     assert sum(map(sum, metrics["rows"][0]["patient"]["confusion"])) == 20
+
+
+def test_rows_share_trained_branches_without_changing_any_result(tmp_path, monkeypatch):
+    """The MM row loads the US and MG networks the single rows trained (same fold, same
+    splits) instead of training them again, and its metrics are those of a run alone."""
+    import breastfusion.training.cv as cv
+
+    calls = []
+    real_fit = cv.fit
+    monkeypatch.setattr(cv, "fit", lambda *a, **k: calls.append(k.get("desc")) or real_fit(*a, **k))
+    manifest = read_manifest(write_tiny_cohort(tmp_path / "data", n_cases=20))
+    together = run_experiment(manifest, _rows(tmp_path, "cached"), tmp_path / "all", progress=False)
+    assert len(calls) == 15  # 5 folds x (US, MG, MM fusion): the MM row's branches came from the memo
+    assert len(list((tmp_path / "all" / "branches").glob("*.pt"))) == 10
+    calls.clear()
+    alone = run_experiment(manifest, _rows(tmp_path, "cached")[2:], tmp_path / "alone", progress=False)
+    assert len(calls) == 15  # 5 folds x (US branch, MG branch, fusion)
+    for level in ("instance", "patient", "patient_mean"):  # NaN-aware equality via JSON
+        assert json.dumps(alone["rows"][0][level]) == json.dumps(together["rows"][2][level])
+
+
+def test_row_without_obtainable_weights_is_reported_not_run(tmp_path, monkeypatch):
+    """GoogLeNet's ImageNet weights cannot be had offline: the row says so, the others run."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
+    manifest = read_manifest(write_tiny_cohort(tmp_path / "data", n_cases=20))
+    rows = _rows(tmp_path, "cached")[:1]
+    google = copy.deepcopy(rows[0])
+    google.name, google.model.backbone.name, google.model.backbone.weights = "GoogLeNet US", "googlenet", "imagenet"
+    metrics = run_experiment(manifest, rows + [google], tmp_path / "run", progress=False)
+    assert "patient" in metrics["rows"][0]
+    skipped = metrics["rows"][1]
+    assert "patient" not in skipped and "googlenet" in skipped["not_run"] and "never downloads" in skipped["not_run"]
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "| GoogLeNet US | googlenet (imagenet), cached | - | yes | not run" in report
+

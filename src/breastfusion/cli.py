@@ -157,12 +157,12 @@ def config_cmd(preset_name: str, row: str | None) -> None:
     click.echo(yaml.safe_dump({"rows": [to_dict(r) for r in rows]}, sort_keys=False), nl=False)
 
 
-def _load_rows(spec: str):
+def _load_rows(spec: str, second_image: str = "kind"):
     from .config import RunConfig, from_dict
     from .presets import PRESETS, preset
 
     if spec in PRESETS:
-        return preset(spec)
+        return preset(spec, second_image)
     path = Path(spec)
     if not path.is_file():
         raise BreastFusionError(f"{spec}: neither a preset ({', '.join(PRESETS)}) nor a config file")
@@ -177,20 +177,37 @@ def _load_rows(spec: str):
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False))
 @click.option("--epochs", type=int, default=None, help="Override every row's epochs.")
 @click.option("--folds", type=int, default=None, help="Override every row's number of folds.")
+@click.option("--second-image", type=click.Choice(["auto", "kind", "view"]), default="auto", show_default=True,
+              help="Presets only: the 'without second image' rows drop synthesized 2D (kind) or the MLO view "
+                   "(view); auto picks kind when the manifest has synthesized 2D images, else view.")
+@click.option("--row", "row_names", multiple=True, help="Run only these rows (by name; repeatable).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def experiment(config: str, manifest: str, out_dir: str, epochs: int | None, folds: int | None,
-               quiet: bool) -> None:
+               second_image: str, row_names: tuple[str, ...], quiet: bool) -> None:
     """Cross-validate every row of CONFIG (a preset name or a YAML file) on MANIFEST."""
     from .experiment import run_experiment
+    from .presets import PRESETS, second_image_of
     from .records import read_manifest
 
-    rows = _load_rows(config)
+    if config not in PRESETS and not Path(config).is_file():
+        raise BreastFusionError(f"{config}: neither a preset ({', '.join(PRESETS)}) nor a config file")
+    m = read_manifest(manifest)
+    if second_image == "auto":
+        second_image = second_image_of(m)
+        if second_image == "view":
+            click.echo("no synthesized 2D mammograms in the manifest: the 'without second image' rows drop "
+                       "the MLO view instead of C-View (--second-image to choose)")
+    rows = _load_rows(config, second_image)
+    if row_names:
+        unknown = sorted(set(row_names) - {r.name for r in rows})
+        if unknown:
+            raise BreastFusionError(f"{config} has no row {unknown[0]!r}; rows: {', '.join(r.name for r in rows)}")
+        rows = [r for r in rows if r.name in row_names]
     for r in rows:
         if epochs is not None:
             r.train.epochs = epochs
         if folds is not None:
             r.cv.folds = folds
-    m = read_manifest(manifest)
     run_experiment(m, rows, out_dir, title=f"breastfusion: {config}", command=_command_line(),
                    progress=not quiet)
     click.echo(f"report: {Path(out_dir) / 'report.md'}")

@@ -19,3 +19,7 @@ class WeightsError(BreastFusionError):
 
 class InputImageError(BreastFusionError):
     """An image file that cannot be read or used."""
+
+
+class CohortError(BreastFusionError):
+    """A manifest without the cases a configuration needs (e.g. no US image for a US model)."""

@@ -7,6 +7,7 @@ Run folder::
     metrics.json       {"rows": [...], "provenance": {...}}
     report.md          Table 3 layout + per-row detail
     roc.png, confusion.png
+    branches/          single-modality networks shared by the rows (training.cv.BranchMemo)
     rows/<name>/       config.yaml (this row alone), roc.png,
                        folds/fold_K/{predictions.csv, fit.json},
                        predictions_instances.csv, predictions_patients.csv
@@ -24,14 +25,14 @@ from pathlib import Path
 import yaml
 
 from .config import RunConfig, to_dict
-from .errors import ConfigError
+from .errors import CohortError, ConfigError, WeightsError
 from .evaluation.aggregate import aggregate
 from .evaluation.plots import plot_confusion, plot_roc
 from .evaluation.report import describe_row, evaluate_predictions, report_markdown
 from .files import atomic_path, write_text
 from .provenance import git_commit, machine, now, versions
 from .records import Manifest
-from .training.cv import cross_validate
+from .training.cv import BranchMemo, cross_validate
 
 
 def row_dirname(name: str) -> str:
@@ -51,13 +52,25 @@ def run_experiment(manifest: Manifest, rows: Sequence[RunConfig], out_dir: str |
     write_text(out / "config.yaml", yaml.safe_dump({"rows": [to_dict(r) for r in rows]}, sort_keys=False))
     write_text(out / "command.txt", command + "\n")
     started = time.time()
+    memo = BranchMemo(out / "branches")
     results, patients = [], []
     for row in rows:
         t0 = time.time()
         row_dir = out / "rows" / row_dirname(row.name)
         if progress:
             print(f"[{row.name}] cross-validating ({row.cv.folds} folds, {row.train.mode} mode)", flush=True)
-        result = cross_validate(manifest, row, row_dir, progress=progress)
+        try:
+            result = cross_validate(manifest, row, row_dir, progress=progress, memo=memo)
+        except (WeightsError, CohortError) as exc:
+            # GoogLeNet without ImageNet weights (a frozen random backbone says nothing),
+            # or a row the data cannot feed (MLO-less rows on MLO-only mini-MIAS): the
+            # row is reported as not run, with the reason, and the others go on.
+            entry = describe_row(row)
+            entry["not_run"] = str(exc)
+            results.append(entry)
+            if progress:
+                print(f"[{row.name}] not run: {exc}", flush=True)
+            continue
         instances = result.predictions
         patient_means, patient_votes = aggregate(instances, "mean"), aggregate(instances, "vote")
         for name, table in (("predictions_instances.csv", instances), ("predictions_patients.csv", patient_votes)):
@@ -93,5 +106,6 @@ def run_experiment(manifest: Manifest, rows: Sequence[RunConfig], out_dir: str |
     write_text(out / "metrics.json", json.dumps(metrics, indent=1, allow_nan=True))
     write_text(out / "report.md", report_markdown(title, results, provenance))
     plot_roc(patients, out / "roc.png")
-    plot_confusion([(r["name"], r["patient"]["confusion"]) for r in results], out / "confusion.png")
+    plot_confusion([(r["name"], r["patient"]["confusion"]) for r in results if "patient" in r],
+                   out / "confusion.png")
     return metrics

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from .config import BackboneConfig, ModelConfig, RunConfig, TrainConfig
 from .errors import ConfigError
-from .vocab import MG_SLOTS, Kind
+from .vocab import MG_SLOTS, Kind, Modality, View
 
 
 def paper_reference() -> RunConfig:
@@ -48,6 +48,19 @@ def _no_synth(c):
     c.model.mg_slots = [s.name for s in MG_SLOTS if s.kind is Kind.STANDARD]
 
 
+def _no_mlo(c):
+    c.model.mg_slots = [s.name for s in MG_SLOTS if s.view is View.CC]
+
+
+# The paper's "without C-View" ablation drops the second image kind (synthesized 2D).
+# Data without a second kind (CDD-CESM, mini-MIAS) get the analogous "with vs without
+# the second view" ablation instead: the MLO images are dropped.
+SECOND_IMAGE: dict[str, tuple[str, Callable[[RunConfig], None]]] = {
+    "kind": ("without C-View", _no_synth),
+    "view": ("without MLO", _no_mlo),
+}
+
+
 def _no_arcface(c):
     c.model.arcface = False
 
@@ -73,43 +86,56 @@ def _chain(*edits):
     return edit
 
 
-TABLE3: tuple[tuple[str, Callable[[RunConfig], None]], ...] = (
-    ("single US", _us_only),
-    ("single MG", _mg_only),
-    ("single MG without C-View", _chain(_mg_only, _no_synth)),
-    ("concat MM", lambda c: None),
-    ("concat MM without C-View", _no_synth),
-    ("concat MM without ArcFace", _no_arcface),
-    ("cross-attn MM", _cross),
-    ("cross-attn MM without ArcFace", _chain(_cross, _no_arcface)),
-    ("cross-attn MM single head", _chain(_cross, lambda c: setattr(c.model, "attention_heads", 1))),
-    ("cross-attn MM L2-normalised", _chain(_cross, lambda c: setattr(c.model, "l2_normalize", True))),
-    ("GoogLeNet MM", _googlenet),
-    ("GoogLeNet MM without C-View", _chain(_googlenet, _no_synth)),
-    # Habib's plain head on the reference backbone: isolates what the head contributes
-    ("plain head MM (Habib) on reference backbone", _plain_head),
-)
+def table3_spec(second_image: str = "kind") -> tuple[tuple[str, Callable[[RunConfig], None]], ...]:
+    """(name, edit of the reference) for every row of Table 3."""
+    if second_image not in SECOND_IMAGE:
+        raise ConfigError(f"second_image must be one of {', '.join(SECOND_IMAGE)}, not {second_image!r}")
+    without, drop = SECOND_IMAGE[second_image]
+    return (
+        ("single US", _us_only),
+        ("single MG", _mg_only),
+        (f"single MG {without}", _chain(_mg_only, drop)),
+        ("concat MM", lambda c: None),
+        (f"concat MM {without}", drop),
+        ("concat MM without ArcFace", _no_arcface),
+        ("cross-attn MM", _cross),
+        ("cross-attn MM without ArcFace", _chain(_cross, _no_arcface)),
+        ("cross-attn MM single head", _chain(_cross, lambda c: setattr(c.model, "attention_heads", 1))),
+        ("cross-attn MM L2-normalised", _chain(_cross, lambda c: setattr(c.model, "l2_normalize", True))),
+        ("GoogLeNet MM", _googlenet),
+        (f"GoogLeNet MM {without}", _chain(_googlenet, drop)),
+        # Habib's plain head on the reference backbone: isolates what the head contributes
+        ("plain head MM (Habib) on reference backbone", _plain_head),
+    )
+
 
 DEMO = ("single US", "single MG", "concat MM")
 
 
-def table3_rows(base: RunConfig | None = None) -> list[RunConfig]:
+def table3_rows(base: RunConfig | None = None, second_image: str = "kind") -> list[RunConfig]:
     base = base or paper_reference()
-    return [_variant(base, name, edit) for name, edit in TABLE3]
+    return [_variant(base, name, edit) for name, edit in table3_spec(second_image)]
 
 
 def demo_rows(base: RunConfig | None = None) -> list[RunConfig]:
     return [r for r in table3_rows(base or cpu_reference()) if r.name in DEMO]
 
 
-PRESETS: dict[str, Callable[[], list[RunConfig]]] = {
-    "demo": demo_rows,
-    "table3": lambda: table3_rows(paper_reference()),
-    "table3-cpu": lambda: table3_rows(cpu_reference()),
+PRESETS: dict[str, Callable[..., list[RunConfig]]] = {
+    "demo": lambda second_image="kind": demo_rows(),
+    "table3": lambda second_image="kind": table3_rows(paper_reference(), second_image),
+    "table3-cpu": lambda second_image="kind": table3_rows(cpu_reference(), second_image),
 }
 
 
-def preset(name: str) -> list[RunConfig]:
+def preset(name: str, second_image: str = "kind") -> list[RunConfig]:
+    """A preset's rows; ``second_image`` picks the kind (C-View) or view (MLO) ablation."""
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
-    return PRESETS[name]()
+    return PRESETS[name](second_image)
+
+
+def second_image_of(manifest) -> str:
+    """"kind" when the manifest's mammograms include synthesized 2D images, else "view"."""
+    kinds = {r.kind for r in manifest.records if r.modality is Modality.MG}
+    return "kind" if Kind.SYNTHESIZED in kinds else "view"

@@ -65,13 +65,18 @@ def _views(row: dict) -> str:
 
 
 def table3_markdown(rows: Sequence[dict]) -> str:
-    head = ("| model | MG views | ArcFace | AUC normal | AUC benign | AUC malignant | macro AUC "
-            "| accuracy (vote) | accuracy (mean p) |")
-    lines = [head, "|" + "---|" * 9]
+    head = ("| model | backbone (weights), mode | MG views | ArcFace | AUC normal | AUC benign "
+            "| AUC malignant | macro AUC | accuracy (vote) | accuracy (mean p) |")
+    lines = [head, "|" + "---|" * 10]
     for r in rows:
+        first = (f"| {r['name']} | {r['backbone']} ({r['weights']}), {r['mode']} | {_views(r)} | "
+                 f"{'yes' if r['arcface'] else 'no'} | ")
+        if "not_run" in r:
+            lines.append(first + "not run (see below) |" + " |" * 5)
+            continue
         p, pm = r["patient"], r["patient_mean"]
         lines.append(
-            f"| {r['name']} | {_views(r)} | {'yes' if r['arcface'] else 'no'} | "
+            first
             + " | ".join(_pm(p["auc"][c]) for c in CLASS_NAMES)
             + f" | {_pm(p['macro_auc'])} | {_pm(p['accuracy'])} | {_pm(pm['accuracy'])} |"
         )
@@ -115,6 +120,11 @@ def report_markdown(title: str, rows: Sequence[dict], provenance: dict) -> str:
             + (f" Config `{r['files']['config']}`, ROC `{r['files']['roc']}`, predictions "
                f"`{r['files']['predictions']}`." if "files" in r else ""),
             "",
+        ]
+        if "not_run" in r:
+            parts += [f"**Not run**: {r['not_run']}", ""]
+            continue
+        parts += [
             "| level | " + " | ".join(f"AUC {c}" for c in CLASS_NAMES) + " | "
             + " | ".join(f"recall {c}" for c in CLASS_NAMES) + " | accuracy |",
             "|" + "---|" * 8,

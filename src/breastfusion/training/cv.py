@@ -9,6 +9,7 @@ fold whose predictions exist is not rerun (resumable).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from collections import Counter
@@ -21,8 +22,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..config import ModelConfig, RunConfig
-from ..errors import BreastFusionError, InputImageError
+from ..config import ModelConfig, RunConfig, to_dict
+from ..errors import BreastFusionError, CohortError, InputImageError
 from ..evaluation.aggregate import PROBA_COLUMNS
 from ..files import atomic_path, write_text
 from ..models.network import BreastFusionNet, HeadOnly, build_head, transfer_branch
@@ -33,7 +34,7 @@ from .augment import Augment
 from .data import FeatureInstances, ImageInstances
 from .features import FeatureStore
 from .instances import Instance, build_instances
-from .loop import fit, pick_device, predict_proba
+from .loop import FitResult, fit, pick_device, predict_proba
 from .splits import FoldSplit, assign_folds, make_splits
 
 
@@ -77,7 +78,7 @@ def prepare(manifest: Manifest, cfg: RunConfig, progress: bool = True) -> CVData
         failed = screen(records, source, progress)
     instances = without_failed(instances, failed, skipped)
     if not instances:
-        raise BreastFusionError(f"config {cfg.name!r}: no case has the images this model needs "
+        raise CohortError(f"config {cfg.name!r}: no case has the images this model needs "
                                 f"({dict(skipped)})")
     used = {i.case_id for i in instances}
     kept = [c for c in cases if c.case_id in used]
@@ -126,8 +127,11 @@ class CVResult:
 
 
 def cross_validate(manifest: Manifest, cfg: RunConfig, out_dir: str | os.PathLike,
-                   progress: bool = True) -> CVResult:
-    """Run (or resume) all folds; return the validation instance predictions of every fold."""
+                   progress: bool = True, memo: BranchMemo | None = None) -> CVResult:
+    """Run (or resume) all folds; return the validation instance predictions of every fold.
+
+    ``memo`` (optional) shares trained single-modality networks between the rows of an
+    experiment (see BranchMemo)."""
     cfg.validate()
     out_dir = Path(out_dir)
     data = prepare(manifest, cfg, progress)
@@ -139,12 +143,13 @@ def cross_validate(manifest: Manifest, cfg: RunConfig, out_dir: str | os.PathLik
         fold_dir = out_dir / "folds" / f"fold_{split.fold}"
         done = fold_dir / "predictions.csv"
         if not done.is_file():
-            run_fold(data, split, cfg, fold_dir, progress)
+            run_fold(data, split, cfg, fold_dir, progress, memo)
         frames.append(pd.read_csv(done))
     return CVResult(pd.concat(frames, ignore_index=True), data)
 
 
-def run_fold(data: CVData, split: FoldSplit, cfg: RunConfig, fold_dir: Path, progress: bool = True) -> pd.DataFrame:
+def run_fold(data: CVData, split: FoldSplit, cfg: RunConfig, fold_dir: Path, progress: bool = True,
+             memo: BranchMemo | None = None) -> pd.DataFrame:
     seed = fold_seed(cfg, split.fold)
     device = pick_device(cfg.train.device)
     by_case: dict[str, list[Instance]] = {}
@@ -155,7 +160,7 @@ def run_fold(data: CVData, split: FoldSplit, cfg: RunConfig, fold_dir: Path, pro
         return [i for cid in ids for i in by_case.get(cid, [])]
 
     train, test, val = part(split.train), part(split.test), part(split.val)
-    trainer = _Trainer(cfg, data, seed, device, progress)
+    trainer = _Trainer(cfg, data, seed, device, progress, memo)
     pretrained = {}
     if cfg.model.multimodal and cfg.model.fusion_init == "branches" and cfg.model.head == "paper":
         # The paper's fusion: single-modality networks trained first (same fold, same
@@ -204,11 +209,47 @@ def only(instances: list[Instance], modality: Modality) -> list[Instance]:
     return out
 
 
+class BranchMemo:
+    """Trained single-modality networks shared by the rows of one experiment.
+
+    In Table 3 every MM row trains its US and MG networks first (same fold, same
+    splits), and the single-modality rows train the very same networks. Training is
+    a deterministic function of (model config, training config, preprocessing, seed,
+    ordered train and test instances), so a network with the same key is the same
+    network: it is trained once and loaded by every row that needs it. The key holds
+    the instance order too, so a hit changes no result, only the time.
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def key(self, cfg: RunConfig, model_cfg: ModelConfig, seed: int, train: list[Instance],
+            test: list[Instance]) -> str:
+        payload = {"model": to_dict(model_cfg), "train": to_dict(cfg.train), "preprocess": to_dict(cfg.preprocess),
+                   "seed": seed, "train_ids": [i.instance_id for i in train],
+                   "test_ids": [i.instance_id for i in test]}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+
+    def load(self, key: str, model: torch.nn.Module) -> FitResult | None:
+        weights, info = self.root / f"{key}.pt", self.root / f"{key}.json"
+        if not (weights.is_file() and info.is_file()):
+            return None
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        return FitResult(**json.loads(info.read_text()))
+
+    def save(self, key: str, model: torch.nn.Module, result: FitResult) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.root / f"{key}.pt") as tmp:
+            torch.save(model.state_dict(), tmp)
+        write_text(self.root / f"{key}.json", json.dumps(dataclasses.asdict(result)))  # written last: marks done
+
+
 class _Trainer:
     """Builds models and loaders for one fold, in fine-tune or cached-feature mode."""
 
-    def __init__(self, cfg: RunConfig, data: CVData, seed: int, device: torch.device, progress: bool):
-        self.cfg, self.seed, self.device, self.progress = cfg, seed, device, progress
+    def __init__(self, cfg: RunConfig, data: CVData, seed: int, device: torch.device, progress: bool,
+                 memo: BranchMemo | None = None):
+        self.cfg, self.seed, self.device, self.progress, self.memo = cfg, seed, device, progress, memo
         self.features, self.source = data.features, data.source
         self.augment = Augment(cfg.train.hflip_p, cfg.train.rotation_deg)
 
@@ -233,9 +274,17 @@ class _Trainer:
     def train(self, model_cfg: ModelConfig, train: list[Instance], test: list[Instance], desc: str,
               branches: dict | None = None):
         model = self.build(model_cfg)
+        key = None
+        if self.memo is not None and not model_cfg.multimodal:
+            key = self.memo.key(self.cfg, model_cfg, self.seed, train, test)
+            result = self.memo.load(key, model)
+            if result is not None:
+                return model.to(self.device), result
         for modality, source in (branches or {}).items():
             transfer_branch(source, model, modality, freeze=model_cfg.freeze_branches)
         model = model.to(self.device)
         result = fit(model, self.loader(train, True), self.loader(test, False), self.cfg.train,
                      model_cfg.arcface_loss_weight, self.device, progress=self.progress, desc=desc)
+        if key is not None:
+            self.memo.save(key, model, result)
         return model, result
