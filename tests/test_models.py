@@ -5,8 +5,9 @@ import torch
 
 from breastfusion.config import BackboneConfig
 from breastfusion.errors import WeightsError
-from breastfusion.models.backbones import build_backbone, imagenet_weights_path, read_state_dict
+from breastfusion.models.backbones import build_backbone, imagenet_weights_path
 from breastfusion.models.network import BreastFusionNet
+from breastfusion.models.weights import read_state_dict
 from breastfusion.vocab import N_CLASSES
 
 from conftest import tiny_model_config
@@ -190,3 +191,17 @@ def test_plain_habib_head_averages_present_views_and_concatenates():
     assert torch.allclose(head(mg2, mask, us).logits, out.logits, atol=1e-6)
     net = BreastFusionNet(cfg).eval()
     assert net(_batch()).logits.shape == (3, N_CLASSES)
+
+
+def test_random_init_backbone_is_one_fixed_network_and_leaves_the_rng_alone():
+    """weights: none names one network, so cached features and saved heads refer to it."""
+    cfg = BackboneConfig(name="resnet18", weights="none", frozen="all", image_size=32)
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    a = build_backbone(cfg)
+    assert torch.equal(torch.rand(1), expected_next)  # the caller's random stream is untouched
+    b = build_backbone(cfg)
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert ka == kb and torch.equal(va, vb)
+    assert a.cam_layer is a.net.layer4 and not any(k.startswith("cam_layer") for k in a.state_dict())

@@ -14,6 +14,7 @@ import pandas as pd
 from ..vocab import CLASS_NAMES, N_CLASSES
 
 PROBA_COLUMNS = [f"p_{c}" for c in CLASS_NAMES]
+LOGIT_COLUMNS = [f"logit_{c}" for c in CLASS_NAMES]
 
 
 def vote(proba: np.ndarray) -> int:

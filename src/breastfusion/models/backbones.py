@@ -22,12 +22,15 @@ from torch import nn
 from ..config import FROZEN_STAGES, BackboneConfig
 from ..errors import WeightsError
 from .efficientnet_lite import EfficientNetLite0, convert_lite0_state_dict
+from .weights import read_state_dict
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # EfficientNet-Lite's TensorFlow preprocessing: (x - 127) / 128
 LITE_MEAN = (0.498, 0.498, 0.498)
 LITE_STD = (0.502, 0.502, 0.502)
+
+RANDOM_INIT_SEED = 0  # the initialisation of every backbone built with weights "none"
 
 _TORCHVISION_WEIGHTS = {
     "resnet50": torchvision.models.ResNet50_Weights.IMAGENET1K_V1,
@@ -46,10 +49,17 @@ class Backbone(nn.Module):
         self.net = net
         self.out_dim = out_dim
         self._stages = stages
-        self.cam_layer = cam_layer
+        # By name, not as an attribute: a second reference would register the layer's
+        # tensors twice in the state dict (safetensors refuses shared tensors).
+        self.cam_layer_name = next(n for n, m in net.named_modules() if m is cam_layer)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self._frozen: list[nn.Module] = []
+
+    @property
+    def cam_layer(self) -> nn.Module:
+        """The last convolutional block: the layer Grad-CAM explains."""
+        return self.net.get_submodule(self.cam_layer_name)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.shape[1] == 1:
@@ -87,7 +97,15 @@ class Backbone(nn.Module):
 
 def build_backbone(cfg: BackboneConfig) -> Backbone:
     """Build, load weights, freeze. Raises WeightsError when weights cannot be had offline."""
-    backbone = _ARCHITECTURES[cfg.name]()
+    if cfg.weights in ("none", "", None):
+        # No pretrained weights: the architecture's own initialisation under a FIXED seed,
+        # so that "weights: none" names one network (cached features, saved heads and
+        # exported bundles then all refer to the same backbone); the caller's RNG is untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            backbone = _ARCHITECTURES[cfg.name]()
+    else:
+        backbone = _ARCHITECTURES[cfg.name]()
     load_weights(backbone, cfg.weights)
     backbone.freeze(cfg.frozen)
     return backbone
@@ -162,28 +180,6 @@ def imagenet_weights_path(name: str) -> Path:
             f"{path.parent}, or pass weights: <path to a state-dict file>, or weights: none"
         )
     return path
-
-
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state dict without executing pickled code (safetensors or weights_only)."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"{path}: weights file not found")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any decoding failure is the file's fault
-        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        raise WeightsError(f"{path}: not a loadable weights file ({reason})") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise WeightsError(f"{path}: does not hold a state dict of tensors")
-    return state
 
 
 def load_weights(backbone: Backbone, weights: str) -> None:

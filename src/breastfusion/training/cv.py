@@ -24,9 +24,10 @@ from tqdm import tqdm
 
 from ..config import ModelConfig, RunConfig, to_dict
 from ..errors import BreastFusionError, CohortError, InputImageError
-from ..evaluation.aggregate import PROBA_COLUMNS
+from ..evaluation.aggregate import LOGIT_COLUMNS, PROBA_COLUMNS
 from ..files import atomic_path, write_text
 from ..models.network import BreastFusionNet, HeadOnly, build_head, transfer_branch
+from ..models.weights import load_into, save_weights
 from ..preprocess.pipeline import PreprocessCache, Preprocessor
 from ..records import ImageRecord, Manifest
 from ..vocab import Modality
@@ -34,7 +35,7 @@ from .augment import Augment
 from .data import FeatureInstances, ImageInstances
 from .features import FeatureStore
 from .instances import Instance, build_instances
-from .loop import FitResult, fit, pick_device, predict_proba
+from .loop import FitResult, fit, pick_device, predict_logits, probabilities
 from .splits import FoldSplit, assign_folds, make_splits
 
 
@@ -172,15 +173,8 @@ def run_fold(data: CVData, split: FoldSplit, cfg: RunConfig, fold_dir: Path, pro
             pretrained[modality] = model
     model, result = trainer.train(cfg.model, train, test, desc=f"{cfg.name} fold {split.fold}",
                                   branches=pretrained)
-    probs, index = predict_proba(model, trainer.loader(val, False), device)
-    rows = pd.DataFrame({
-        "fold": split.fold,
-        "instance_id": [val[i].instance_id for i in index],
-        "case_id": [val[i].case_id for i in index],
-        "group": [val[i].group for i in index],
-        "label": [val[i].label.index for i in index],
-    })
-    rows[PROBA_COLUMNS] = probs
+    rows = _prediction_table(model, trainer.loader(val, False), val, split.fold, device)
+    test_rows = _prediction_table(model, trainer.loader(test, False), test, split.fold, device)
     fold_dir.mkdir(parents=True, exist_ok=True)
     info = {"fold": split.fold, "seed": seed, "best_epoch": result.best_epoch,
             "best_test_score": result.best_score, "select_by": cfg.train.select_by,
@@ -188,9 +182,30 @@ def run_fold(data: CVData, split: FoldSplit, cfg: RunConfig, fold_dir: Path, pro
             "n_instances": {"train": len(train), "test": len(test), "val": len(val)},
             "history": result.history}
     write_text(fold_dir / "fit.json", json.dumps(info, indent=1))
-    with atomic_path(fold_dir / "predictions.csv") as tmp:  # its presence marks the fold done
+    save_weights(model, fold_dir / MODEL_FILE)
+    with atomic_path(fold_dir / "test_predictions.csv") as tmp:  # for calibration and operating points
+        test_rows.to_csv(tmp, index=False)
+    with atomic_path(fold_dir / "predictions.csv") as tmp:  # written last: its presence marks the fold done
         rows.to_csv(tmp, index=False)
     return rows
+
+
+MODEL_FILE = "model.safetensors"
+
+
+def _prediction_table(model, loader: DataLoader, items: list[Instance], fold: int, device) -> pd.DataFrame:
+    """One row per instance: ids, label, softmax probabilities and the logits behind them."""
+    logits, index = predict_logits(model, loader, device)
+    table = pd.DataFrame({
+        "fold": fold,
+        "instance_id": [items[i].instance_id for i in index],
+        "case_id": [items[i].case_id for i in index],
+        "group": [items[i].group for i in index],
+        "label": [items[i].label.index for i in index],
+    })
+    table[PROBA_COLUMNS] = probabilities(logits)
+    table[LOGIT_COLUMNS] = logits
+    return table
 
 
 def single_modality(model_cfg: ModelConfig, modality: Modality) -> ModelConfig:
@@ -231,16 +246,15 @@ class BranchMemo:
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
     def load(self, key: str, model: torch.nn.Module) -> FitResult | None:
-        weights, info = self.root / f"{key}.pt", self.root / f"{key}.json"
+        weights, info = self.root / f"{key}.safetensors", self.root / f"{key}.json"
         if not (weights.is_file() and info.is_file()):
             return None
-        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        load_into(model, weights)
         return FitResult(**json.loads(info.read_text()))
 
     def save(self, key: str, model: torch.nn.Module, result: FitResult) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        with atomic_path(self.root / f"{key}.pt") as tmp:
-            torch.save(model.state_dict(), tmp)
+        save_weights(model, self.root / f"{key}.safetensors")
         write_text(self.root / f"{key}.json", json.dumps(dataclasses.asdict(result)))  # written last: marks done
 
 

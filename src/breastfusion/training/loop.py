@@ -57,18 +57,28 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
 
 
 @torch.no_grad()
-def predict_proba(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """(probabilities (N, 3), dataset indices (N,)) in eval mode, no margin."""
+def predict_logits(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """(logits (N, 3), dataset indices (N,)) in eval mode, no margin."""
     model.eval()
-    probs, index = [], []
+    logits, index = [], []
     for batch in loader:
         batch = _to(batch, device)
-        out = model(batch)
-        probs.append(torch.softmax(out.logits.float(), dim=-1).cpu().numpy())
+        logits.append(model(batch).logits.float().cpu().numpy())
         index.append(batch["index"].cpu().numpy())
-    if not probs:
-        return np.zeros((0, N_CLASSES)), np.zeros(0, dtype=int)
-    return np.concatenate(probs), np.concatenate(index)
+    if not logits:
+        return np.zeros((0, N_CLASSES), dtype=np.float32), np.zeros(0, dtype=int)
+    return np.concatenate(logits), np.concatenate(index)
+
+
+def probabilities(logits: np.ndarray) -> np.ndarray:
+    """Softmax over classes, in float32 as the network computes it."""
+    return torch.softmax(torch.from_numpy(np.asarray(logits, dtype=np.float32)), dim=-1).numpy()
+
+
+def predict_proba(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities (N, 3), dataset indices (N,)) in eval mode, no margin."""
+    logits, index = predict_logits(model, loader, device)
+    return probabilities(logits), index
 
 
 @dataclass
