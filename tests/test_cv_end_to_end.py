@@ -49,6 +49,9 @@ def test_experiment_writes_metrics_report_and_plots(tmp_path, mode):
     report = (out / "report.md").read_text()
     assert "| model | backbone (weights), mode | MG views | ArcFace | AUC normal" in report
     assert f"| US | resnet18 (none), {mode} |" in report
+    assert "ECE" in report and (out / "rows" / "MM" / "reliability.png").is_file()
+    cal = saved["rows"][2]["calibration"]
+    assert len(cal["temperatures"]) == 5 and 0 <= cal["ece_after"] <= 1
 
 
 def test_resume_skips_done_folds_and_gives_identical_metrics(tmp_path):
@@ -108,7 +111,7 @@ def test_rows_share_trained_branches_without_changing_any_result(tmp_path, monke
     manifest = read_manifest(write_tiny_cohort(tmp_path / "data", n_cases=20))
     together = run_experiment(manifest, _rows(tmp_path, "cached"), tmp_path / "all", progress=False)
     assert len(calls) == 15  # 5 folds x (US, MG, MM fusion): the MM row's branches came from the memo
-    assert len(list((tmp_path / "all" / "branches").glob("*.pt"))) == 10
+    assert len(list((tmp_path / "all" / "branches").glob("*.safetensors"))) == 10
     calls.clear()
     alone = run_experiment(manifest, _rows(tmp_path, "cached")[2:], tmp_path / "alone", progress=False)
     assert len(calls) == 15  # 5 folds x (US branch, MG branch, fusion)

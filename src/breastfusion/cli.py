@@ -214,6 +214,111 @@ def experiment(config: str, manifest: str, out_dir: str, epochs: int | None, fol
 
 
 @main.command()
+@click.argument("row_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Bundle folder.")
+@click.option("--malignant-sensitivity", default=0.95, show_default=True,
+              help="Target malignant sensitivity of the recall threshold (chosen on the test splits).")
+@click.option("--normal-specificity", default=0.95, show_default=True,
+              help="Target specificity of the routine (normal) call against abnormal patients.")
+def export(row_dir: str, out_dir: str, malignant_sensitivity: float, normal_specificity: float) -> None:
+    """Make a model bundle from one cross-validated row (RUN/rows/NAME) of an experiment."""
+    from .predict.bundle import export_bundle, load_bundle
+
+    path = export_bundle(row_dir, out_dir, malignant_sensitivity, normal_specificity)
+    bundle = load_bundle(path)  # what predict will load: checked now
+    pts = bundle.points
+    click.echo(f"bundle {path}: {bundle.config.name}, {len(bundle.nets)} fold networks, temperatures "
+               + ", ".join(f"{t:.2f}" for t in bundle.temperatures))
+    click.echo(f"operating points: malignant threshold {pts.malignant_threshold}, normal threshold "
+               f"{pts.normal_threshold} {pts.note}".rstrip())
+
+
+def _input_manifest(input_path: str, work: Path, salt: str | None):
+    """A manifest from a manifest CSV, or by ingesting a folder (DICOM and/or images)."""
+    from .ingest.folder import ingest_folder, write_ingest
+    from .records import read_manifest
+
+    path = Path(input_path)
+    if path.is_file():
+        return read_manifest(path, require_labels=False)
+    result = ingest_folder(path, pseudonymise_salt=salt, progress=True)
+    click.echo(result.summary())
+    manifest_csv, _ = write_ingest(result, work / "manifest.csv")
+    return read_manifest(manifest_csv, require_labels=False)
+
+
+@main.command()
+@click.argument("input_path", type=click.Path(exists=True))
+@click.option("--model", "bundle_dir", required=True, type=click.Path(file_okay=False, exists=True),
+              help="A bundle made by `breastfusion export`.")
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--no-heatmaps", is_flag=True, help="Skip Grad-CAM (faster).")
+@click.option("--save-arrays", is_flag=True, help="Also write each heatmap as .npy.")
+@click.option("--pseudonymise-salt", default=None, help="Replace patient ids by salted hashes (folder input).")
+@click.option("--cache-dir", default=".cache/breastfusion", show_default=True)
+@click.option("--device", default="auto", show_default=True)
+def predict(input_path: str, bundle_dir: str, out_dir: str, no_heatmaps: bool, save_arrays: bool,
+            pseudonymise_salt: str | None, cache_dir: str, device: str) -> None:
+    """Probabilities, triage class, decision, heatmaps and reports for new patients.
+
+    INPUT_PATH is a DICOM study folder, a folder of patient images (see `ingest`) or a manifest CSV."""
+    from .predict.bundle import load_bundle
+    from .predict.run import predict as run_predict
+    from .predict.run import write_prediction
+
+    bundle = load_bundle(bundle_dir)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = _input_manifest(input_path, out, pseudonymise_salt)
+    pred = run_predict(manifest, bundle, cache_dir=cache_dir, heatmaps=not no_heatmaps, device=device)
+    write_prediction(pred, bundle, out, save_arrays=save_arrays)
+    counts = pred.patients["decision"].value_counts().to_dict()
+    click.echo(f"{len(pred.patients)} patients: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+    if pred.skipped:
+        click.echo("not predicted: " + ", ".join(f"{v} {k}" for k, v in pred.skipped.items()))
+    click.echo(f"worklist: {out / 'worklist.html'}  reports: {out / 'reports'}")
+
+
+@main.command()
+@click.argument("row_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--manifest", required=True, type=click.Path(dir_okay=False, exists=True))
+@click.option("--lesions", type=click.Choice(["busi", "mias"]), required=True,
+              help="Where the lesion annotations come from: BUSI mask files, or mini-MIAS Info.txt circles.")
+@click.option("--mias-root", type=click.Path(file_okay=False, exists=True), default=None,
+              help="mini-MIAS folder (with Info.txt), for --lesions mias.")
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False))
+def localise(row_dir: str, manifest: str, lesions: str, mias_root: str | None, out_dir: str) -> None:
+    """Grad-CAM localisation of a cross-validated row on annotated lesions, against a centre prior."""
+    from .explain.folds import busi_lesions, examples_figure, explain_row, mias_circles
+    from .explain.localisation import summarize
+    from .records import read_manifest
+    from .vocab import Modality
+
+    if lesions == "mias" and mias_root is None:
+        raise BreastFusionError("--lesions mias needs --mias-root (the folder with Info.txt)")
+    source, modality = (busi_lesions(), Modality.US) if lesions == "busi" else (mias_circles(mias_root), Modality.MG)
+    items = explain_row(row_dir, read_manifest(manifest), modality, source)
+    if not items:
+        raise BreastFusionError(f"no annotated benign/malignant {modality.value} image in the row's validation folds")
+    rows = summarize(e.score for e in items)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table = ["| class | images | Grad-CAM pointing hit rate | centre prior hit rate | Grad-CAM energy inside "
+             "| centre prior energy inside | lesion area share |", "|" + "---|" * 7]
+    for r in rows:
+        table.append(f"| {r['class']} | {r['n']} | {r['gradcam_hit_rate']:.1%} | {r['prior_hit_rate']:.1%} | "
+                     f"{r['gradcam_energy']:.1%} | {r['prior_energy']:.1%} | {r['lesion_fraction']:.1%} |")
+    from .files import write_text
+
+    write_text(out / "localisation.md", "\n".join(table) + "\n")
+    write_text(out / "localisation.json", json.dumps({"command": _command_line(), "rows": rows,
+                                                      "images": [vars(e.score) for e in items]}, indent=1))
+    examples_figure(items, out / "examples.png")
+    click.echo("\n".join(table))
+    click.echo(f"-> {out / 'localisation.md'}, {out / 'examples.png'}")
+
+
+@main.command()
 @click.option("-o", "--out", "out_dir", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
 @click.option("--patients", default=300, show_default=True)
 @click.option("--epochs", type=int, default=None)

@@ -8,8 +8,8 @@ Run folder::
     report.md          Table 3 layout + per-row detail
     roc.png, confusion.png
     branches/          single-modality networks shared by the rows (training.cv.BranchMemo)
-    rows/<name>/       config.yaml (this row alone), roc.png,
-                       folds/fold_K/{predictions.csv, fit.json},
+    rows/<name>/       config.yaml (this row alone), data.json (what it was trained on), roc.png,
+                       folds/fold_K/{predictions.csv, test_predictions.csv, fit.json, model.safetensors},
                        predictions_instances.csv, predictions_patients.csv
 """
 
@@ -22,11 +22,14 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import yaml
 
 from .config import RunConfig, to_dict
 from .errors import CohortError, ConfigError, WeightsError
-from .evaluation.aggregate import aggregate
+from .evaluation.aggregate import PROBA_COLUMNS, aggregate
+from .evaluation.calibration import calibrate_folds, expected_calibration_error, plot_reliability
 from .evaluation.plots import plot_confusion, plot_roc
 from .evaluation.report import describe_row, evaluate_predictions, report_markdown
 from .files import atomic_path, write_text
@@ -37,6 +40,38 @@ from .training.cv import BranchMemo, cross_validate
 
 def row_dirname(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "row"
+
+
+def training_data(manifest: Manifest, result) -> dict:
+    """What a row was trained on (goes into exported bundles): no paths, no patient ids."""
+    labels = {i.case_id: i.label.value for i in result.data.instances}
+    return {
+        "manifest_hash": manifest.content_hash(),
+        "cases": len(labels),
+        "instances": len(result.data.instances),
+        "classes": {c: sum(v == c for v in labels.values()) for c in sorted(set(labels.values()))},
+        "folds": len(result.data.splits),
+    }
+
+
+def row_calibration(row_dir: Path, splits) -> dict | None:
+    """Temperature scaling per fold (fitted on the fold's test split) judged on the validation
+    folds at patient level: ECE before and after, and the reliability diagram."""
+    folds = []
+    for split in splits:
+        fold_dir = row_dir / "folds" / f"fold_{split.fold}"
+        test, val = fold_dir / "test_predictions.csv", fold_dir / "predictions.csv"
+        if not test.is_file():
+            return None  # folds from a version that did not keep test-split logits
+        folds.append((pd.read_csv(test), pd.read_csv(val)))
+    before, after, temps = calibrate_folds(folds)
+    curves = []
+    for name, table in (("uncalibrated", before), ("temperature-scaled", after)):
+        curves.append((name, table[PROBA_COLUMNS].to_numpy(float), table["label"].to_numpy(int)))
+    plot_reliability(curves, row_dir / "reliability.png")
+    return {"temperature_mean": float(np.mean(temps)), "temperatures": temps,
+            "ece_before": expected_calibration_error(curves[0][1], curves[0][2]),
+            "ece_after": expected_calibration_error(curves[1][1], curves[1][2]), "level": "patient (mean p)"}
 
 
 def run_experiment(manifest: Manifest, rows: Sequence[RunConfig], out_dir: str | os.PathLike,
@@ -77,7 +112,9 @@ def run_experiment(manifest: Manifest, rows: Sequence[RunConfig], out_dir: str |
             with atomic_path(row_dir / name) as tmp:
                 table.to_csv(tmp, index=False)
         write_text(row_dir / "config.yaml", yaml.safe_dump(to_dict(row), sort_keys=False))
+        write_text(row_dir / "data.json", json.dumps(training_data(manifest, result), indent=1))
         plot_roc([(row.name, patient_means)], row_dir / "roc.png")
+        calibration = row_calibration(row_dir, result.data.splits)
         entry = describe_row(row)
         entry.update(evaluate_predictions(instances, patient_votes, patient_means))
         entry["excluded"] = dict(result.data.skipped)
@@ -86,6 +123,9 @@ def run_experiment(manifest: Manifest, rows: Sequence[RunConfig], out_dir: str |
         rel = row_dir.relative_to(out).as_posix()
         entry["files"] = {"config": f"{rel}/config.yaml", "roc": f"{rel}/roc.png",
                           "predictions": f"{rel}/predictions_instances.csv"}
+        if calibration is not None:
+            entry["calibration"] = calibration
+            entry["files"]["reliability"] = f"{rel}/reliability.png"
         results.append(entry)
         patients.append((row.name, patient_means))
         if progress:

@@ -137,4 +137,9 @@ def report_markdown(title: str, rows: Sequence[dict], provenance: dict) -> str:
                          + f" | {_pm(m['accuracy'])} |")
         parts += ["", "Patient-level confusion (vote), all validation folds:", "",
                   _confusion_markdown(r["patient"]["confusion"]), ""]
+        if "calibration" in r:
+            c = r["calibration"]
+            parts += [f"Calibration (patient level, validation folds): ECE {100 * c['ece_before']:.1f}% before, "
+                      f"{100 * c['ece_after']:.1f}% after temperature scaling (mean T {c['temperature_mean']:.2f}, "
+                      f"fitted per fold on its test split); reliability diagram `{r['files']['reliability']}`.", ""]
     return "\n".join(parts)

@@ -1,0 +1,1 @@
+"""Explanations: Grad-CAM heatmaps per image and their localisation scores."""

@@ -1,0 +1,201 @@
+"""A trained model as a folder that runs on new patients: the bundle.
+
+``breastfusion export RUN_ROW -o BUNDLE`` turns one cross-validated row of an
+experiment into::
+
+    bundle.json         format, version, classes, folds, per-fold temperature,
+                        operating points, preprocessing, training-data summary,
+                        sha256 of config.yaml and of every weights file
+    config.yaml         the row's RunConfig
+    weights/shared.safetensors   tensors identical in every fold (frozen backbones)
+    weights/fold_K.safetensors   the rest of fold K's network
+
+The model is the ensemble of the K fold networks (as nnU-Net ensembles its
+fold models): each fold's logits are divided by that fold's temperature
+(fitted on the fold's TEST split, never on its validation fold), turned into
+probabilities and averaged. Operating points are chosen on the pooled
+test-split patient probabilities of the folds.
+
+Loading runs no pickle: safetensors only, every file's checksum verified
+against bundle.json, weights loaded strictly into the network the config
+describes. Anything else is refused with a WeightsError naming the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .. import __version__
+from ..config import RunConfig, load_run_config, save_yaml
+from ..errors import WeightsError
+from ..evaluation.aggregate import PROBA_COLUMNS
+from ..evaluation.calibration import (
+    OperatingPoints,
+    calibrated_patients,
+    choose_operating_points,
+    fold_temperature,
+    softmax,
+)
+from ..files import sha256_file, write_text
+from ..models.backbones import Backbone, build_backbone
+from ..models.network import BreastFusionNet
+from ..models.weights import read_state_dict, save_weights
+from ..provenance import now
+from ..training.cv import MODEL_FILE
+from ..vocab import CLASS_NAMES, Modality
+
+FORMAT = 1
+BUNDLE_FILE = "bundle.json"
+
+
+def fold_dirs(row_dir: str | os.PathLike) -> list[Path]:
+    """The completed folds of a row (those with weights and predictions), in fold order."""
+    folds = Path(row_dir) / "folds"
+    done = [d for d in folds.glob("fold_*") if (d / MODEL_FILE).is_file() and (d / "predictions.csv").is_file()]
+    return sorted(done, key=lambda d: int(d.name.split("_")[1]))
+
+
+def trained_net(cfg: RunConfig, state: dict[str, torch.Tensor], backbones_from_config: bool,
+                backbones: dict[Modality, Backbone] | None = None) -> BreastFusionNet:
+    """A network with trained weights. A cached-feature fold saved only its head: the
+    backbones then come from the config's pretrained weights (`backbones_from_config`).
+    `backbones` passes backbone modules to share between networks (loaded from `state` too)."""
+    model_cfg = cfg.model
+    if not backbones_from_config:
+        model_cfg = dataclasses.replace(model_cfg, backbone=dataclasses.replace(model_cfg.backbone, weights="none"))
+    given = dict(backbones or {})
+    for m in model_cfg.modality_set:
+        if m not in given:
+            given[m] = build_backbone(model_cfg.backbone)
+    net = BreastFusionNet(model_cfg, given)
+    own = net.state_dict()
+    backbone_keys = ("mg_backbone.", "us_backbone.")
+    missing = [k for k in own if k not in state and not (backbones_from_config and k.startswith(backbone_keys))]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        first = (missing or unexpected)[0]
+        raise WeightsError(f"weights do not fit the configured network ({len(missing)} missing, "
+                           f"{len(unexpected)} unexpected tensors; first: {first})")
+    try:
+        net.load_state_dict(state, strict=not backbones_from_config)
+    except RuntimeError as exc:
+        raise WeightsError(f"weights do not fit the configured network ({str(exc).splitlines()[0][:200]})") from None
+    return net.eval()
+
+
+def export_bundle(row_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                  target_malignant_sensitivity: float = 0.95, target_normal_specificity: float = 0.95) -> Path:
+    row_dir, out = Path(row_dir), Path(out_dir)
+    cfg = load_run_config(row_dir / "config.yaml")
+    folds = fold_dirs(row_dir)
+    if not folds:
+        raise WeightsError(f"{row_dir}: no completed fold with saved weights ({MODEL_FILE}); "
+                           "rerun the experiment with this version of breastfusion")
+    temperatures, pooled, states = [], [], []
+    for fold_dir in folds:
+        test = pd.read_csv(fold_dir / "test_predictions.csv")
+        t = fold_temperature(test)
+        temperatures.append(t)
+        pooled.append(calibrated_patients(test, t))
+        net = trained_net(cfg, read_state_dict(fold_dir / MODEL_FILE), backbones_from_config=True)
+        states.append(net.state_dict())
+    patients = pd.concat(pooled, ignore_index=True)
+    points = choose_operating_points(patients[PROBA_COLUMNS].to_numpy(float), patients["label"].to_numpy(int),
+                                     target_malignant_sensitivity, target_normal_specificity)
+    shared = {k: v for k, v in states[0].items() if all(torch.equal(v, s[k]) for s in states[1:])}
+    (out / "weights").mkdir(parents=True, exist_ok=True)
+    files = {"config.yaml": save_yaml(cfg, out / "config.yaml")}
+    files["weights/shared.safetensors"] = save_weights(shared, out / "weights" / "shared.safetensors")
+    fold_ids = [int(d.name.split("_")[1]) for d in folds]
+    for k, state in zip(fold_ids, states, strict=True):
+        own = {n: v for n, v in state.items() if n not in shared}
+        files[f"weights/fold_{k}.safetensors"] = save_weights(own, out / "weights" / f"fold_{k}.safetensors")
+    data_file = row_dir / "data.json"
+    meta = {
+        "format": FORMAT,
+        "breastfusion_version": __version__,
+        "created": now(),
+        "name": cfg.name,
+        "classes": list(CLASS_NAMES),
+        "folds": fold_ids,
+        "temperatures": temperatures,
+        "operating_points": points.to_dict(),
+        "preprocessing": {"size": cfg.model.backbone.image_size, **dataclasses.asdict(cfg.preprocess)},
+        "training_data": json.loads(data_file.read_text()) if data_file.is_file() else {},
+        "source_run": row_dir.name,
+        "sha256": {name: sha256_file(path) for name, path in files.items()},
+    }
+    write_text(out / BUNDLE_FILE, json.dumps(meta, indent=1))
+    return out
+
+
+@dataclass
+class Bundle:
+    root: Path
+    config: RunConfig
+    meta: dict
+    nets: list[BreastFusionNet]  # one per fold, in eval mode
+
+    @property
+    def temperatures(self) -> list[float]:
+        return list(self.meta["temperatures"])
+
+    @property
+    def points(self) -> OperatingPoints:
+        return OperatingPoints.from_dict(self.meta["operating_points"])
+
+    @property
+    def version(self) -> str:
+        return f"{self.config.name} (breastfusion {self.meta['breastfusion_version']}, {self.meta['created']})"
+
+    def probabilities(self, logits_per_fold: list[np.ndarray]) -> np.ndarray:
+        """Ensemble probabilities: mean over folds of softmax(logits / T_fold)."""
+        return np.mean([softmax(z, t) for z, t in zip(logits_per_fold, self.temperatures, strict=True)], axis=0)
+
+
+def load_bundle(path: str | os.PathLike) -> Bundle:
+    root = Path(path)
+    meta_file = root / BUNDLE_FILE
+    if not meta_file.is_file():
+        raise WeightsError(f"{root}: not a breastfusion bundle (no {BUNDLE_FILE})")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise WeightsError(f"{meta_file}: unreadable ({exc})") from None
+    if meta.get("format") != FORMAT:
+        raise WeightsError(f"{meta_file}: bundle format {meta.get('format')!r}, this version reads {FORMAT}")
+    sums = meta.get("sha256", {})
+    expected = {"config.yaml", "weights/shared.safetensors", *(f"weights/fold_{k}.safetensors" for k in meta["folds"])}
+    if set(sums) != expected:
+        raise WeightsError(f"{meta_file}: checksums do not list exactly the bundle's files")
+    for name, digest in sums.items():
+        file = root / name
+        if not file.is_file():
+            raise WeightsError(f"{file}: missing from the bundle")
+        if sha256_file(file) != digest:
+            raise WeightsError(f"{file}: checksum does not match bundle.json (modified or corrupt); refusing it")
+    cfg = load_run_config(root / "config.yaml")
+    shared = read_state_dict(root / "weights" / "shared.safetensors")
+    # A backbone whose every tensor is shared by all folds (frozen in training) is built
+    # once and used by every fold's network: its features are then computed once.
+    none = dataclasses.replace(cfg.model.backbone, weights="none")
+    common = {}
+    for m in cfg.model.modality_set:
+        prefix = f"{m.value.lower()}_backbone."
+        template = build_backbone(none)
+        if all(prefix + k in shared for k in template.state_dict()):
+            common[m] = template
+    nets = []
+    for k in meta["folds"]:
+        state = {**shared, **read_state_dict(root / "weights" / f"fold_{k}.safetensors")}
+        nets.append(trained_net(cfg, state, backbones_from_config=False, backbones=common))
+    return Bundle(root, cfg, meta, nets)
+

@@ -1,0 +1,301 @@
+"""Prediction on new patients with a bundle, with no physician input.
+
+INPUT (a DICOM study folder, a folder of images, or a manifest) -> ingest ->
+preprocessing (cached) -> backbone features -> every fold's head -> calibrated
+ensemble probabilities per instance -> patient probabilities (mean) and triage
+class (vote and mean) -> operating-point decision -> files.
+
+MG once: a patient's MG images are the same in each of its k instances (one per
+US image), so each distinct image goes through each distinct backbone exactly
+once (`FeatureBank`) and the heads receive the stored features. Folds whose
+backbone was frozen in training share one backbone module (see bundle.py), so
+an MG image is then encoded once for the whole ensemble.
+
+Output folder::
+
+    predictions.csv     one row per patient: probabilities, triage (vote, mean), decision
+    instances.csv       one row per instance (US image) with its probabilities
+    predictions.json    both, plus the model, the operating points and the refusals
+    heatmaps/CASE/*.png Grad-CAM overlays (and *.npy with --save-arrays)
+    reports/CASE.html   one self-contained report per patient
+    worklist.csv, worklist.html   patients ranked by malignant probability
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from ..errors import CohortError
+from ..evaluation.aggregate import PROBA_COLUMNS, aggregate
+from ..evaluation.calibration import decide
+from ..explain.gradcam import explain_instance
+from ..files import atomic_path, write_text
+from ..models.backbones import Backbone
+from ..preprocess.pipeline import PreprocessCache, Preprocessor
+from ..records import ImageRecord, Manifest
+from ..training.cv import screen, without_failed
+from ..training.instances import Instance, build_instances
+from ..training.loop import pick_device
+from ..vocab import CLASS_NAMES, Modality
+from .bundle import Bundle
+from .html import ImagePanel, InstanceRow, PatientResult, overlay_png, write_patient_report, write_worklist
+
+
+class FeatureBank:
+    """Backbone features of images, computed once per (backbone module, image)."""
+
+    def __init__(self, source: PreprocessCache, device: torch.device, batch_size: int = 32):
+        self.source, self.device, self.batch_size = source, device, batch_size
+        self._store: dict[tuple[int, str], torch.Tensor] = {}
+
+    def encode(self, backbone: Backbone, records: list[ImageRecord]) -> None:
+        todo = list({r.path: r for r in records if (id(backbone), r.path) not in self._store}.values())
+        backbone.eval()
+        for start in range(0, len(todo), self.batch_size):
+            chunk = todo[start:start + self.batch_size]
+            images = torch.stack([torch.from_numpy(self.source.get(r.path, r.modality, r.side)) for r in chunk])
+            with torch.no_grad():
+                feats = backbone(images.unsqueeze(1).to(self.device)).float().cpu()
+            for rec, feat in zip(chunk, feats, strict=True):
+                self._store[(id(backbone), rec.path)] = feat
+
+    def get(self, backbone: Backbone, path: str) -> torch.Tensor:
+        return self._store[(id(backbone), path)]
+
+
+def head_inputs(net, bank: FeatureBank, items: list[Instance]) -> dict[str, torch.Tensor]:
+    """The head's batch for these instances, gathered from the bank (zeros for missing views)."""
+    out: dict[str, torch.Tensor] = {}
+    mods = net.head.modalities
+    if Modality.MG in mods:
+        bb = net.backbone(Modality.MG)
+        dim = bb.out_dim
+        out["mg_mask"] = torch.tensor([inst.mg_mask for inst in items], dtype=torch.bool)
+        out["mg_feat"] = torch.stack([
+            torch.stack([bank.get(bb, r.path) if r is not None else torch.zeros(dim) for r in inst.mg])
+            for inst in items])
+    if Modality.US in mods:
+        bb = net.backbone(Modality.US)
+        out["us_feat"] = torch.stack([bank.get(bb, inst.us.path) for inst in items])
+    return out
+
+
+def ensemble_logits(bundle: Bundle, items: list[Instance], source: PreprocessCache,
+                    device: torch.device) -> list[np.ndarray]:
+    """(N, 3) logits per fold network, MG-once through a shared FeatureBank."""
+    bank = FeatureBank(source, device)
+    out = []
+    for net in bundle.nets:
+        net.to(device).eval()
+        for m in net.head.modalities:
+            records = [r for inst in items for r in (inst.mg if m is Modality.MG else (inst.us,)) if r is not None]
+            bank.encode(net.backbone(m), records)
+        with torch.no_grad():
+            batch = {k: v.to(device) for k, v in head_inputs(net, bank, items).items()}
+            out.append(net.head(**batch).logits.float().cpu().numpy())
+    return out
+
+
+def instance_batch(inst: Instance, source: PreprocessCache, size: int) -> dict[str, torch.Tensor]:
+    """One instance's images as a batch of one (what training feeds in fine-tune mode)."""
+    def image(rec):
+        if rec is None:
+            return torch.zeros(1, size, size)
+        return torch.from_numpy(source.get(rec.path, rec.modality, rec.side)).unsqueeze(0)
+
+    batch = {}
+    if inst.mg:
+        batch["mg"] = torch.stack([image(r) for r in inst.mg]).unsqueeze(0)
+        batch["mg_mask"] = torch.tensor([inst.mg_mask], dtype=torch.bool)
+    if inst.us is not None:
+        batch["us"] = image(inst.us).unsqueeze(0)
+    return batch
+
+
+@dataclass
+class Prediction:
+    """What `predict` found: tables, per-patient results (for reports) and what it could not use."""
+
+    instances: pd.DataFrame
+    patients: pd.DataFrame
+    results: list[PatientResult]
+    skipped: Counter = field(default_factory=Counter)
+    refused: dict[str, str] = field(default_factory=dict)
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "case"
+
+
+def predict(manifest: Manifest, bundle: Bundle, cache_dir: str | os.PathLike = ".cache/breastfusion",
+            heatmaps: bool = True, device: str = "auto", progress: bool = True) -> Prediction:
+    cfg = bundle.config
+    dev = pick_device(device)
+    p = cfg.preprocess
+    source = PreprocessCache(cache_dir, Preprocessor(size=cfg.model.backbone.image_size, enabled=p.enabled,
+                                                     chest_wall=p.chest_wall, colour=p.colour))
+    instances, skipped = build_instances(manifest.cases().values(), cfg.model.modality_set, cfg.model.slots)
+    records = list({r.path: r for i in instances for r in (*i.mg, i.us) if r is not None}.values())
+    refused = screen(records, source, progress)
+    instances = without_failed(instances, refused, skipped)
+    if not instances:
+        raise CohortError(f"no patient has the images this model needs ({', '.join(cfg.model.mg_slots)} "
+                          f"for MG, one US image for US): {dict(skipped)}")
+    probs = bundle.probabilities(ensemble_logits(bundle, instances, source, dev))
+    table = pd.DataFrame({"instance_id": [i.instance_id for i in instances],
+                          "case_id": [i.case_id for i in instances],
+                          "us_image": [Path(i.us.path).name if i.us is not None else "" for i in instances],
+                          "label": -1})
+    table[PROBA_COLUMNS] = probs
+    by_vote, by_mean = aggregate(table, "vote"), aggregate(table, "mean")
+    points = bundle.points
+    patients = by_mean[["case_id", *PROBA_COLUMNS, "n_instances"]].copy()
+    patients["triage_vote"] = [CLASS_NAMES[k] for k in by_vote["pred"]]
+    patients["triage_mean"] = [CLASS_NAMES[k] for k in by_mean["pred"]]
+    patients["decision"] = [decide(row, points) for row in by_mean[PROBA_COLUMNS].to_numpy(float)]
+    results = []
+    by_case: dict[str, list[int]] = {}
+    for k, inst in enumerate(instances):
+        by_case.setdefault(inst.case_id, []).append(k)
+    for _, row in tqdm(list(patients.iterrows()), desc="explain", unit="patient",
+                       disable=not (progress and heatmaps), leave=False):
+        items = [instances[k] for k in by_case[row["case_id"]]]
+        panels = _panels(bundle, items, source, dev) if heatmaps else []
+        results.append(PatientResult(
+            case_id=row["case_id"],
+            probabilities={c: float(row[f"p_{c}"]) for c in CLASS_NAMES},
+            triage_vote=row["triage_vote"], triage_mean=row["triage_mean"], decision=row["decision"],
+            instances=[InstanceRow(instances[k].instance_id, table["us_image"][k],
+                                   {c: float(probs[k, j]) for j, c in enumerate(CLASS_NAMES)})
+                       for k in by_case[row["case_id"]]],
+            panels=panels,
+            warnings=_warnings(items, cfg.model.mg_slots),
+        ))
+    return Prediction(table.drop(columns="label"), patients, results, skipped, refused)
+
+
+def _warnings(items: list[Instance], slots: list[str]) -> list[str]:
+    first = items[0]
+    return [f"{slot} view missing" for slot, rec in zip(slots, first.mg, strict=False) if rec is None]
+
+
+def _panels(bundle: Bundle, items: list[Instance], source: PreprocessCache, dev) -> list[ImagePanel]:
+    """Grad-CAM per image for the patient's predicted class (mean probability), averaged over
+    folds; an MG view's map is averaged over the patient's instances too (each instance pairs
+    the same MG views with another US image)."""
+    size = bundle.config.model.backbone.image_size
+    slots = list(bundle.config.model.slots)
+    mg_maps: dict[str, list[np.ndarray]] = {}
+    us_maps: dict[str, list[np.ndarray]] = {}
+    probs = []
+    for net in bundle.nets:
+        for inst in items:
+            batch = {k: v.to(dev) for k, v in instance_batch(inst, source, size).items()}
+            probs.append(torch.softmax(net(batch).logits, -1).detach().cpu().numpy()[0])
+    target = int(np.mean(probs, axis=0).argmax())
+    for net in bundle.nets:
+        for inst in items:
+            batch = {k: v.to(dev) for k, v in instance_batch(inst, source, size).items()}
+            exp = explain_instance(net, batch, slots, class_index=target)
+            for name, heat in exp.mg.items():
+                mg_maps.setdefault(name, []).append(heat)
+            if exp.us is not None:
+                us_maps.setdefault(inst.us.path, []).append(exp.us)
+    panels = []
+    first = items[0]
+    for slot, rec in zip(slots, first.mg, strict=False):
+        if rec is not None and slot.name in mg_maps:
+            panels.append(ImagePanel(slot.name, source.get(rec.path, rec.modality, rec.side),
+                                     _normalise(np.mean(mg_maps[slot.name], axis=0)), CLASS_NAMES[target],
+                                     Path(rec.path).name))
+    for inst in items:
+        if inst.us is not None and inst.us.path in us_maps:
+            rec = inst.us
+            panels.append(ImagePanel(f"US {Path(rec.path).name}", source.get(rec.path, rec.modality, rec.side),
+                                     _normalise(np.mean(us_maps[rec.path], axis=0)), CLASS_NAMES[target],
+                                     Path(rec.path).name))
+    return panels
+
+
+def _normalise(heat: np.ndarray) -> np.ndarray:
+    top = float(heat.max())
+    return (heat / top).astype(np.float32) if top > 0 else heat.astype(np.float32)
+
+
+def write_prediction(pred: Prediction, bundle: Bundle, out_dir: str | os.PathLike, save_arrays: bool = False) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "predictions.csv") as tmp:
+        pred.patients.to_csv(tmp, index=False, float_format="%.6f")
+    with atomic_path(out / "instances.csv") as tmp:
+        pred.instances.to_csv(tmp, index=False, float_format="%.6f")
+    model_info = {"model": bundle.config.name, "version": bundle.version, "bundle": bundle.root.name,
+                  "operating points": _describe_points(bundle)}
+    reports = {}
+    for res in pred.results:
+        name = _safe(res.case_id)
+        for panel in res.panels:
+            if panel.heatmap is None:
+                continue
+            stem = out / "heatmaps" / name / _safe(panel.title)
+            stem.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(stem.with_suffix(".png")) as tmp:
+                Path(tmp).write_bytes(overlay_png(panel.image, panel.heatmap))
+            if save_arrays:
+                with atomic_path(stem.with_suffix(".npy")) as tmp:
+                    with open(tmp, "wb") as fh:
+                        np.save(fh, panel.heatmap)
+        path = write_patient_report(res, model_info, out / "reports" / f"{name}.html")
+        reports[res.case_id] = path.relative_to(out).as_posix()
+    write_worklist(pred.results, model_info, out, reports)
+    summary = {
+        "model": model_info,
+        "operating_points": bundle.meta["operating_points"],
+        "patients": json.loads(pred.patients.to_json(orient="records")),
+        "instances": json.loads(pred.instances.to_json(orient="records")),
+        "not_predicted": dict(pred.skipped),
+        "refused_images": {Path(k).name: v for k, v in pred.refused.items()},
+    }
+    write_text(out / "predictions.json", json.dumps(summary, indent=1))
+    return out
+
+
+def _describe_points(bundle: Bundle) -> str:
+    pts = bundle.points
+    parts = []
+    if pts.malignant_threshold is not None:
+        parts.append(f"recall if p(malignant) >= {pts.malignant_threshold:.3f} "
+                     f"(target sensitivity {pts.target_malignant_sensitivity:.0%})")
+    if pts.normal_threshold is not None:
+        parts.append(f"routine if p(normal) >= {pts.normal_threshold:.3f} "
+                     f"(target specificity {pts.target_normal_specificity:.0%})")
+    return "; ".join(parts) or "none (see bundle.json)"
+
+
+def naive_probabilities(bundle: Bundle, items: list[Instance], source: PreprocessCache,
+                        device: str = "cpu") -> np.ndarray:
+    """Every instance through every fold's whole network, images and all: the reference
+    that the MG-once path must reproduce (and the slow path it replaces)."""
+    dev = pick_device(device)
+    size = bundle.config.model.backbone.image_size
+    per_fold = []
+    for net in bundle.nets:
+        net.to(dev).eval()
+        rows = []
+        for inst in items:
+            batch = {k: v.to(dev) for k, v in instance_batch(inst, source, size).items()}
+            with torch.no_grad():
+                rows.append(net(batch).logits.float().cpu().numpy()[0])
+        per_fold.append(np.stack(rows))
+    return bundle.probabilities(per_fold)
+

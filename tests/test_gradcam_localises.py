@@ -1,0 +1,55 @@
+"""Grad-CAM points at lesions more often when the model learnt them than when its weights are shuffled.
+
+Measured on this synthetic cohort with frozen EfficientNet-Lite0 ImageNet features at 224 px
+(7x7 Grad-CAM grid): the trained US model's map maximum falls inside the lesion for about a
+fifth to a quarter of lesion images (abnormal-evidence target), the shuffled model's for none;
+a centre prior does better than both (about half). "Most lesion cases", as issue 5 asks, is
+NOT reached with frozen features; the test pins what does hold, so that it fails if the
+heatmaps stop depending on what the model learnt or stop being mapped onto the lesion.
+"""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from breastfusion.datasets.synthetic import SynthConfig, generate_cohort
+from breastfusion.experiment import run_experiment
+from breastfusion.explain.folds import explain_row, shuffle_weights
+from breastfusion.explain.localisation import circle_mask
+from breastfusion.presets import cpu_reference, demo_rows
+from breastfusion.records import read_manifest
+from breastfusion.vocab import Modality
+
+
+@pytest.mark.slow
+def test_gradcam_finds_generated_lesions_more_often_than_a_shuffled_model(tmp_path):
+    root = tmp_path / "synth"
+    generate_cohort(root, SynthConfig(n_patients=60, image_size=224, us_per_patient=(2, 3), seed=3),
+                    progress=False)
+    manifest = read_manifest(root / "manifest.csv")
+    (row,) = [r for r in demo_rows(cpu_reference(image_size=224, epochs=40, copies=1)) if r.name == "single US"]
+    row.cv.folds, row.cv.test_folds = 3, 1
+    row.train.cache_dir = str(tmp_path / "cache")
+    run_experiment(manifest, [row], tmp_path / "run", progress=False)
+
+    table = pd.read_csv(root / "lesions.csv")
+    table = table[(table["modality"] == "US") & (table["lesion"] == 1)]
+    circles = {str((root / p).resolve()): (cx, cy, r) for p, cx, cy, r in
+               zip(table["path"], table["cx"], table["cy"], table["radius"], strict=True)}
+
+    def lesions(path, shape):
+        found = circles.get(str(__import__("pathlib").Path(path).resolve()))
+        return None if found is None else circle_mask(shape, found[:2], found[2])
+
+    row_dir = tmp_path / "run" / "rows" / "single_US"
+    trained = explain_row(row_dir, manifest, Modality.US, lesions, progress=False, target="abnormal")
+    shuffled = explain_row(row_dir, manifest, Modality.US, lesions, progress=False, target="abnormal",
+                           perturb=shuffle_weights())
+    assert len(trained) == len(shuffled) >= 40  # every lesion image of a benign/malignant patient, once
+    hit = np.mean([e.score.hit for e in trained])
+    hit_shuffled = np.mean([e.score.hit for e in shuffled])
+    lesion_area = np.mean([e.score.lesion_fraction for e in trained])
+    energy = np.nanmean([e.score.energy for e in trained])
+    energy_shuffled = np.nanmean([e.score.energy for e in shuffled])
+    assert hit >= hit_shuffled + 0.1, (hit, hit_shuffled, lesion_area)
+    assert energy >= 1.5 * lesion_area and energy >= 2 * energy_shuffled, (energy, energy_shuffled, lesion_area)

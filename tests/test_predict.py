@@ -1,0 +1,211 @@
+"""Export a bundle from a cross-validated row, load it safely, predict new patients."""
+
+import json
+import pickle
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from breastfusion.config import BackboneConfig, CVConfig, RunConfig, TrainConfig
+from breastfusion.errors import WeightsError
+from breastfusion.experiment import run_experiment
+from breastfusion.explain.gradcam import explain_instance
+from breastfusion.models.weights import read_state_dict
+from breastfusion.predict.bundle import export_bundle, fold_dirs, load_bundle, trained_net
+from breastfusion.predict.run import ensemble_logits, instance_batch, naive_probabilities, predict, write_prediction
+from breastfusion.records import read_manifest
+from breastfusion.training.cv import MODEL_FILE, image_source
+from breastfusion.training.instances import build_instances
+from breastfusion.training.loop import pick_device
+
+from conftest import tiny_model_config, write_tiny_cohort
+
+
+def _row(tmp_path, modalities=("MG", "US")):
+    model = tiny_model_config(modalities=list(modalities),
+                              backbone=BackboneConfig(name="resnet18", weights="none", frozen="all", image_size=32))
+    train = TrainConfig(mode="cached", epochs=2, batch_size=8, feature_copies=1, cache_dir=str(tmp_path / "cache"))
+    return RunConfig(name="MM", model=model, train=train, cv=CVConfig(folds=3, test_folds=1))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 3-fold MM run on a tiny cohort, and its bundle."""
+    tmp = tmp_path_factory.mktemp("trained")
+    manifest = read_manifest(write_tiny_cohort(tmp / "data", n_cases=12))
+    cfg = _row(tmp)
+    run_experiment(manifest, [cfg], tmp / "run", progress=False)
+    bundle_dir = export_bundle(tmp / "run" / "rows" / "MM", tmp / "bundle")
+    return manifest, tmp / "run" / "rows" / "MM", bundle_dir, tmp
+
+
+def test_every_fold_saves_its_network_and_test_split_logits(trained):
+    _, row_dir, _, _ = trained
+    folds = fold_dirs(row_dir)
+    assert [d.name for d in folds] == ["fold_0", "fold_1", "fold_2"]
+    for d in folds:
+        test = pd.read_csv(d / "test_predictions.csv")
+        assert {"logit_normal", "logit_benign", "logit_malignant", "p_malignant"} <= set(test.columns)
+        assert read_state_dict(d / MODEL_FILE)  # safetensors, readable without pickle
+
+
+def test_bundle_round_trip_reproduces_the_fold_networks(trained):
+    manifest, row_dir, bundle_dir, tmp = trained
+    bundle = load_bundle(bundle_dir)
+    meta = json.loads((bundle_dir / "bundle.json").read_text())
+    assert meta["classes"] == ["normal", "benign", "malignant"] and len(meta["temperatures"]) == 3
+    assert meta["training_data"]["cases"] == 12 and "operating_points" in meta
+    instances, _ = build_instances(manifest.cases().values(), bundle.config.model.modality_set,
+                                   bundle.config.model.slots)
+    source = image_source(bundle.config)
+    got = bundle.probabilities(ensemble_logits(bundle, instances, source, pick_device("cpu")))
+    # the same ensemble straight from the run's fold files
+    cfg = bundle.config
+    direct = []
+    for d in fold_dirs(row_dir):
+        net = trained_net(cfg, read_state_dict(d / MODEL_FILE), backbones_from_config=True)
+        with torch.no_grad():
+            direct.append(np.stack([net(instance_batch(i, source, 32)).logits[0].numpy() for i in instances]))
+    np.testing.assert_allclose(got, bundle.probabilities(direct), atol=1e-6)
+    again = load_bundle(bundle_dir)
+    np.testing.assert_array_equal(got, again.probabilities(ensemble_logits(again, instances, source,
+                                                                           pick_device("cpu"))))
+
+
+def test_mg_once_matches_naive_pairing_and_encodes_each_mg_image_once(trained):
+    manifest, _, bundle_dir, _ = trained
+    bundle = load_bundle(bundle_dir)
+    instances, _ = build_instances(manifest.cases().values(), bundle.config.model.modality_set,
+                                   bundle.config.model.slots)
+    source = image_source(bundle.config)
+    mg_backbones = {id(net.mg_backbone): net.mg_backbone for net in bundle.nets}
+    assert len(mg_backbones) == 1  # frozen in training: one module shared by every fold network
+    seen = []
+    (backbone,) = mg_backbones.values()
+    handle = backbone.register_forward_hook(lambda m, inp, out: seen.append(inp[0].shape[0]))
+    try:
+        fast = bundle.probabilities(ensemble_logits(bundle, instances, source, pick_device("cpu")))
+        n_fast = sum(seen)
+        seen.clear()
+        slow = naive_probabilities(bundle, instances, source)
+        n_slow = sum(seen)
+    finally:
+        handle.remove()
+    distinct_mg = {r.path for i in instances for r in i.mg if r is not None}
+    assert n_fast == len(distinct_mg) == 12 * 4
+    assert n_slow == 3 * 2 * len(distinct_mg)  # 3 folds x 2 instances per case x every view
+    np.testing.assert_allclose(fast, slow, atol=1e-5)
+
+
+def test_tampered_or_pickled_weights_are_refused(trained, tmp_path):
+    import shutil
+
+    _, _, bundle_dir, _ = trained
+    bad = tmp_path / "bad"
+    shutil.copytree(bundle_dir, bad)
+    weights = bad / "weights" / "fold_0.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match="checksum"):
+        load_bundle(bad)
+
+    class Smuggler:
+        def __reduce__(self):
+            return (print, ("pickle executed",))
+
+    weights.write_bytes(pickle.dumps({"x": Smuggler()}))
+    meta = json.loads((bad / "bundle.json").read_text())
+    from breastfusion.files import sha256_file
+
+    meta["sha256"]["weights/fold_0.safetensors"] = sha256_file(weights)  # a consistent but evil bundle
+    (bad / "bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(WeightsError, match="not a loadable weights file"):
+        load_bundle(bad)
+
+    shutil.rmtree(bad)
+    shutil.copytree(bundle_dir, bad)
+    cfg = bad / "config.yaml"
+    cfg.write_text(cfg.read_text().replace("fusion: concat", "fusion: cross_attention"))
+    with pytest.raises(WeightsError, match="config.yaml: checksum"):
+        load_bundle(bad)
+
+
+def test_gradcam_maps_every_image_and_releases_its_hooks(trained):
+    manifest, _, bundle_dir, _ = trained
+    bundle = load_bundle(bundle_dir)
+    net = bundle.nets[0]
+    cfg = bundle.config
+    instances, _ = build_instances(manifest.cases().values(), cfg.model.modality_set, cfg.model.slots)
+    batch = instance_batch(instances[0], image_source(cfg), 32)
+    exp = explain_instance(net, batch, list(cfg.model.slots))
+    assert set(exp.mg) == {"CC-2D", "MLO-2D", "CC-synthesized", "MLO-synthesized"}
+    for heat in [*exp.mg.values(), exp.us]:
+        assert heat.shape == (32, 32) and heat.min() >= 0 and heat.max() <= 1
+    assert exp.class_index == int(np.argmax(exp.logits))
+    for m in (net.mg_backbone, net.us_backbone):
+        assert not m.cam_layer._forward_hooks and not m.cam_layer._backward_hooks
+
+
+def test_predict_writes_tables_reports_heatmaps_and_worklist(trained, tmp_path):
+    manifest, _, bundle_dir, _ = trained
+    bundle = load_bundle(bundle_dir)
+    pred = predict(manifest, bundle, cache_dir=bundle.config.train.cache_dir, progress=False)
+    out = write_prediction(pred, bundle, tmp_path / "out", save_arrays=True)
+    patients = pd.read_csv(out / "predictions.csv")
+    assert len(patients) == 12 and set(patients["decision"]) <= {"recall: suspected malignant", "routine: normal",
+                                                                 "review"}
+    np.testing.assert_allclose(patients[["p_normal", "p_benign", "p_malignant"]].sum(axis=1), 1, atol=1e-5)
+    assert len(pd.read_csv(out / "instances.csv")) == 24
+    summary = json.loads((out / "predictions.json").read_text())
+    assert len(summary["patients"]) == 12 and summary["operating_points"]
+    reports = sorted((out / "reports").glob("*.html"))
+    assert len(reports) == 12
+    assert len(list((out / "heatmaps").rglob("*.png"))) == 12 * (4 + 2)
+    assert len(list((out / "heatmaps").rglob("*.npy"))) == 12 * (4 + 2)
+    worklist = pd.read_csv(out / "worklist.csv")
+    assert list(worklist["p_malignant"]) == sorted(worklist["p_malignant"], reverse=True)
+
+
+def test_cli_export_then_predict_a_dicom_study_folder_without_leaking_phi(trained, tmp_path):
+    """A new patient's DICOM study (CC + MLO 2D, no C-View, two US images) through the CLI:
+    missing views are masked, outputs exist, and no identifying tag value appears in any of them."""
+    from click.testing import CliRunner
+
+    from breastfusion.cli import main
+
+    from dicom_files import PHI_MARKERS, US_SOP, write_dicom
+
+    _, row_dir, _, _ = trained
+    bundle = tmp_path / "bundle"
+    out = CliRunner().invoke(main, ["export", str(row_dir), "-o", str(bundle)])
+    assert out.exit_code == 0, out.output
+    rng = np.random.default_rng(5)
+
+    def grey():
+        return (rng.random((40, 40)) * 4000).astype(np.uint16)
+
+    study = tmp_path / "study"
+    write_dicom(study / "cc.dcm", grey(), patient="NEW-1", ImageLaterality="R", ViewPosition="CC")
+    write_dicom(study / "mlo.dcm", grey(), patient="NEW-1", ImageLaterality="R", ViewPosition="MLO")
+    for k in range(2):
+        write_dicom(study / f"us{k}.dcm", (rng.random((40, 40)) * 255).astype(np.uint8), sop_class=US_SOP,
+                    modality="US", patient="NEW-1", Laterality="R")
+    result = tmp_path / "pred"
+    out = CliRunner().invoke(main, ["predict", str(study), "--model", str(bundle), "-o", str(result),
+                                    "--cache-dir", str(tmp_path / "cache")])
+    assert out.exit_code == 0, out.output
+    patients = pd.read_csv(result / "predictions.csv")
+    assert list(patients["case_id"]) == ["NEW-1:R"] and patients["n_instances"].tolist() == [2]
+    report = (result / "reports" / "NEW-1_R.html").read_text()
+    assert "CC-synthesized view missing" in report and "not a medical device" in report.lower()
+    assert (result / "worklist.html").is_file() and (result / "predictions.json").is_file()
+    assert len(list((result / "heatmaps").rglob("*.png"))) == 2 + 2
+    for file in result.rglob("*"):
+        if file.is_file():
+            text = file.read_bytes().decode("latin-1")
+            assert not [m for m in PHI_MARKERS if m in text], file
+    for m in PHI_MARKERS:
+        assert m not in out.output
