@@ -22,7 +22,6 @@ from PIL import Image
 
 from ..config import load_run_config
 from ..models.weights import read_state_dict
-from ..preprocess.pipeline import Preprocessor
 from ..records import Manifest
 from ..training.cv import MODEL_FILE
 from ..training.instances import build_instances
@@ -109,8 +108,7 @@ def explain_row(row_dir: str | os.PathLike, manifest: Manifest, modality: Modali
     cfg = load_run_config(row_dir / "config.yaml")
     size = cfg.model.backbone.image_size
     source = image_source(cfg)
-    p = cfg.preprocess
-    pre = Preprocessor(size=size, enabled=p.enabled, chest_wall=p.chest_wall, colour=p.colour)
+    pre = source.preprocessor
     instances, _ = build_instances(manifest.cases().values(), cfg.model.modality_set, cfg.model.slots)
     by_id = {i.instance_id: i for i in instances}
     slots = list(cfg.model.slots)

@@ -41,9 +41,9 @@ from ..evaluation.calibration import decide
 from ..explain.gradcam import explain_instance
 from ..files import atomic_path, write_text
 from ..models.backbones import Backbone
-from ..preprocess.pipeline import PreprocessCache, Preprocessor
+from ..preprocess.pipeline import PreprocessCache
 from ..records import ImageRecord, Manifest
-from ..training.cv import screen, without_failed
+from ..training.cv import image_source, screen, without_failed
 from ..training.instances import Instance, build_instances
 from ..training.loop import pick_device
 from ..vocab import CLASS_NAMES, Modality
@@ -141,9 +141,7 @@ def predict(manifest: Manifest, bundle: Bundle, cache_dir: str | os.PathLike = "
             heatmaps: bool = True, device: str = "auto", progress: bool = True) -> Prediction:
     cfg = bundle.config
     dev = pick_device(device)
-    p = cfg.preprocess
-    source = PreprocessCache(cache_dir, Preprocessor(size=cfg.model.backbone.image_size, enabled=p.enabled,
-                                                     chest_wall=p.chest_wall, colour=p.colour))
+    source = image_source(cfg, cache_dir)
     instances, skipped = build_instances(manifest.cases().values(), cfg.model.modality_set, cfg.model.slots)
     records = list({r.path: r for i in instances for r in (*i.mg, i.us) if r is not None}.values())
     refused = screen(records, source, progress)

@@ -51,11 +51,12 @@ class CVData:
     features: dict[str, np.ndarray] | None = None  # cached mode: path -> (1 + copies, D)
 
 
-def image_source(cfg: RunConfig) -> PreprocessCache:
+def image_source(cfg: RunConfig, cache_dir: str | os.PathLike | None = None) -> PreprocessCache:
+    """The preprocessed images a config's model sees (cached in `cache_dir`, default the config's)."""
     p = cfg.preprocess
     pre = Preprocessor(size=cfg.model.backbone.image_size, enabled=p.enabled, chest_wall=p.chest_wall,
                        colour=p.colour)
-    return PreprocessCache(cfg.train.cache_dir, pre)
+    return PreprocessCache(cache_dir or cfg.train.cache_dir, pre)
 
 
 def prepare(manifest: Manifest, cfg: RunConfig, progress: bool = True) -> CVData:
