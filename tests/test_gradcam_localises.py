@@ -9,13 +9,11 @@ heatmaps stop depending on what the model learnt or stop being mapped onto the l
 """
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from breastfusion.datasets.synthetic import SynthConfig, generate_cohort
 from breastfusion.experiment import run_experiment
-from breastfusion.explain.folds import explain_row, shuffle_weights
-from breastfusion.explain.localisation import circle_mask
+from breastfusion.explain.folds import explain_row, shuffle_weights, synthetic_lesions
 from breastfusion.presets import cpu_reference, demo_rows
 from breastfusion.records import read_manifest
 from breastfusion.vocab import Modality
@@ -32,15 +30,7 @@ def test_gradcam_finds_generated_lesions_more_often_than_a_shuffled_model(tmp_pa
     row.train.cache_dir = str(tmp_path / "cache")
     run_experiment(manifest, [row], tmp_path / "run", progress=False)
 
-    table = pd.read_csv(root / "lesions.csv")
-    table = table[(table["modality"] == "US") & (table["lesion"] == 1)]
-    circles = {str((root / p).resolve()): (cx, cy, r) for p, cx, cy, r in
-               zip(table["path"], table["cx"], table["cy"], table["radius"], strict=True)}
-
-    def lesions(path, shape):
-        found = circles.get(str(__import__("pathlib").Path(path).resolve()))
-        return None if found is None else circle_mask(shape, found[:2], found[2])
-
+    lesions = synthetic_lesions(root / "lesions.csv")
     row_dir = tmp_path / "run" / "rows" / "single_US"
     trained = explain_row(row_dir, manifest, Modality.US, lesions, progress=False, target="abnormal")
     shuffled = explain_row(row_dir, manifest, Modality.US, lesions, progress=False, target="abnormal",

@@ -282,22 +282,37 @@ def predict(input_path: str, bundle_dir: str, out_dir: str, no_heatmaps: bool, s
 @main.command()
 @click.argument("row_dir", type=click.Path(file_okay=False, exists=True))
 @click.option("--manifest", required=True, type=click.Path(dir_okay=False, exists=True))
-@click.option("--lesions", type=click.Choice(["busi", "mias"]), required=True,
-              help="Where the lesion annotations come from: BUSI mask files, or mini-MIAS Info.txt circles.")
+@click.option("--lesions", type=click.Choice(["busi", "mias", "synthetic"]), required=True,
+              help="Lesion annotations: BUSI mask files, mini-MIAS Info.txt circles, or a synthetic lesions.csv.")
 @click.option("--mias-root", type=click.Path(file_okay=False, exists=True), default=None,
               help="mini-MIAS folder (with Info.txt), for --lesions mias.")
+@click.option("--lesions-csv", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="The synthetic cohort's lesions.csv, for --lesions synthetic.")
+@click.option("--modality", type=click.Choice(["US", "MG"]), default=None,
+              help="Which images to score (default: US for busi, MG for mias; required for synthetic).")
+@click.option("--target", type=click.Choice(["true", "abnormal"]), default="true", show_default=True,
+              help="Explain the true class, or the evidence against normal (benign or malignant).")
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False))
-def localise(row_dir: str, manifest: str, lesions: str, mias_root: str | None, out_dir: str) -> None:
+def localise(row_dir: str, manifest: str, lesions: str, mias_root: str | None, lesions_csv: str | None,
+             modality: str | None, target: str, out_dir: str) -> None:
     """Grad-CAM localisation of a cross-validated row on annotated lesions, against a centre prior."""
-    from .explain.folds import busi_lesions, examples_figure, explain_row, mias_circles
+    from .explain.folds import busi_lesions, examples_figure, explain_row, mias_circles, synthetic_lesions
     from .explain.localisation import summarize
     from .records import read_manifest
     from .vocab import Modality
 
     if lesions == "mias" and mias_root is None:
         raise BreastFusionError("--lesions mias needs --mias-root (the folder with Info.txt)")
-    source, modality = (busi_lesions(), Modality.US) if lesions == "busi" else (mias_circles(mias_root), Modality.MG)
-    items = explain_row(row_dir, read_manifest(manifest), modality, source)
+    if lesions == "synthetic" and (lesions_csv is None or modality is None):
+        raise BreastFusionError("--lesions synthetic needs --lesions-csv and --modality")
+    if lesions == "busi":
+        source, default = busi_lesions(), "US"
+    elif lesions == "mias":
+        source, default = mias_circles(mias_root), "MG"
+    else:
+        source, default = synthetic_lesions(lesions_csv), modality
+    modality = Modality.parse(modality or default)
+    items = explain_row(row_dir, read_manifest(manifest), modality, source, target=target)
     if not items:
         raise BreastFusionError(f"no annotated benign/malignant {modality.value} image in the row's validation folds")
     rows = summarize(e.score for e in items)
@@ -311,7 +326,7 @@ def localise(row_dir: str, manifest: str, lesions: str, mias_root: str | None, o
     from .files import write_text
 
     write_text(out / "localisation.md", "\n".join(table) + "\n")
-    write_text(out / "localisation.json", json.dumps({"command": _command_line(), "rows": rows,
+    write_text(out / "localisation.json", json.dumps({"command": _command_line(), "target": target, "rows": rows,
                                                       "images": [vars(e.score) for e in items]}, indent=1))
     examples_figure(items, out / "examples.png")
     click.echo("\n".join(table))

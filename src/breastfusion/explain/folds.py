@@ -79,6 +79,21 @@ def shuffle_weights(seed: int = 0) -> Callable[[torch.nn.Module], None]:
     return perturb
 
 
+def synthetic_lesions(lesions_csv: str | os.PathLike) -> LesionSource:
+    """The synthetic cohort's lesions.csv (cx, cy, radius of each image where one is drawn)."""
+    root = Path(lesions_csv).resolve().parent
+    table = pd.read_csv(lesions_csv)
+    table = table[table["lesion"] == 1]
+    circles = {str((root / p).resolve()): (cx, cy, r) for p, cx, cy, r in
+               zip(table["path"], table["cx"], table["cy"], table["radius"], strict=True)}
+
+    def masks(path: str, shape: tuple[int, int]) -> np.ndarray | None:
+        found = circles.get(str(Path(path).resolve()))
+        return None if found is None else circle_mask(shape, found[:2], found[2])
+
+    return masks
+
+
 @dataclass
 class Explained:
     """One annotated image, its heatmap and its lesion, both in the model's input space."""
