@@ -109,8 +109,12 @@ def test_rows_share_trained_branches_without_changing_any_result(tmp_path, monke
     real_fit = cv.fit
     monkeypatch.setattr(cv, "fit", lambda *a, **k: calls.append(k.get("desc")) or real_fit(*a, **k))
     manifest = read_manifest(write_tiny_cohort(tmp_path / "data", n_cases=20))
-    together = run_experiment(manifest, _rows(tmp_path, "cached"), tmp_path / "all", progress=False)
-    assert len(calls) == 15  # 5 folds x (US, MG, MM fusion): the MM row's branches came from the memo
+    cross = copy.deepcopy(_rows(tmp_path, "cached")[2])
+    cross.name, cross.model.fusion, cross.model.l2_normalize = "MM cross", "cross_attention", True
+    together = run_experiment(manifest, _rows(tmp_path, "cached") + [cross], tmp_path / "all", progress=False)
+    # 5 folds x (US, MG, concat fusion, cross-attention fusion): both MM rows took their branches
+    # from the memo (fusion-only fields do not name a different single-modality network)
+    assert len(calls) == 20
     assert len(list((tmp_path / "all" / "branches").glob("*.safetensors"))) == 10
     calls.clear()
     alone = run_experiment(manifest, _rows(tmp_path, "cached")[2:], tmp_path / "alone", progress=False)

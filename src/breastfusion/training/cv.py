@@ -209,8 +209,21 @@ def _prediction_table(model, loader: DataLoader, items: list[Instance], fold: in
     return table
 
 
+# Fields that only shape the fusion of two modalities: a single-modality network does not
+# depend on them, so they are reset to their defaults in its config.
+FUSION_ONLY_FIELDS = ("fusion", "fusion_init", "freeze_branches", "fusion_dims", "attention_heads",
+                      "attention_tokens", "l2_normalize")
+
+
 def single_modality(model_cfg: ModelConfig, modality: Modality) -> ModelConfig:
-    return dataclasses.replace(model_cfg, modalities=[modality.value])
+    """The config of the single-modality network inside a multimodal one, in canonical form
+    (fusion-only fields at their defaults; MG slots dropped for US), so that every row that
+    needs the same network names it the same way (see BranchMemo)."""
+    default = ModelConfig()
+    reset = {name: getattr(default, name) for name in FUSION_ONLY_FIELDS}
+    if modality is Modality.US:
+        reset["mg_slots"] = default.mg_slots
+    return dataclasses.replace(model_cfg, modalities=[modality.value], **reset)
 
 
 def only(instances: list[Instance], modality: Modality) -> list[Instance]:
@@ -291,7 +304,8 @@ class _Trainer:
         model = self.build(model_cfg)
         key = None
         if self.memo is not None and not model_cfg.multimodal:
-            key = self.memo.key(self.cfg, model_cfg, self.seed, train, test)
+            canonical = single_modality(model_cfg, model_cfg.modality_set[0])
+            key = self.memo.key(self.cfg, canonical, self.seed, train, test)
             result = self.memo.load(key, model)
             if result is not None:
                 return model.to(self.device), result
