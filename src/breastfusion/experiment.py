@@ -32,7 +32,7 @@ from .evaluation.aggregate import PROBA_COLUMNS, aggregate
 from .evaluation.calibration import calibrate_folds, expected_calibration_error, plot_reliability
 from .evaluation.plots import plot_confusion, plot_roc
 from .evaluation.report import describe_row, evaluate_predictions, report_markdown
-from .files import atomic_path, write_text
+from .files import atomic_path, remove_stale_temporaries, write_text
 from .provenance import git_commit, machine, now, versions
 from .records import Manifest
 from .training.cv import BranchMemo, cross_validate
@@ -84,6 +84,7 @@ def run_experiment(manifest: Manifest, rows: Sequence[RunConfig], out_dir: str |
         row.validate()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)  # left by a run killed mid-write; completed files are intact
     write_text(out / "config.yaml", yaml.safe_dump({"rows": [to_dict(r) for r in rows]}, sort_keys=False))
     write_text(out / "command.txt", command + "\n")
     started = time.time()

@@ -52,3 +52,14 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def remove_stale_temporaries(root: str | os.PathLike) -> int:
+    """Delete temp files that `atomic_path` left under `root` when a process was killed
+    mid-write (they never replaced a result); returns how many."""
+    count = 0
+    for tmp in Path(root).rglob(".*.tmp"):
+        if tmp.is_file():
+            tmp.unlink()
+            count += 1
+    return count

@@ -1,0 +1,55 @@
+"""kill -9 in the middle of a cross-validation, then resume: the metrics are those of a run
+that was never interrupted (CPU, same seed)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import yaml
+
+from breastfusion.config import BackboneConfig, CVConfig, RunConfig, TrainConfig, to_dict
+
+from conftest import tiny_model_config, write_tiny_cohort
+
+
+def _experiment(cfg, manifest, out):
+    return [sys.executable, "-m", "breastfusion", "experiment", str(cfg), "--manifest", str(manifest),
+            "-o", str(out), "--quiet"]
+
+
+def _levels(metrics):
+    return [json.dumps({k: row[k] for k in ("instance", "patient", "patient_mean")}) for row in metrics["rows"]]
+
+
+def test_kill_9_mid_run_then_resume_gives_the_uninterrupted_metrics(tmp_path):
+    manifest = write_tiny_cohort(tmp_path / "data", n_cases=20)
+    model = tiny_model_config(backbone=BackboneConfig(name="resnet18", weights="none", frozen="all", image_size=32))
+    rows = [RunConfig(name=name, model=type(model)(**{**model.__dict__, "modalities": mods}),
+                      train=TrainConfig(mode="cached", epochs=25, batch_size=8, feature_copies=1,
+                                        cache_dir=str(tmp_path / "cache")),
+                      cv=CVConfig(folds=5, test_folds=1))
+            for name, mods in (("US", ["US"]), ("MM", ["MG", "US"]))]
+    cfg = tmp_path / "rows.yaml"
+    cfg.write_text(yaml.safe_dump({"rows": [to_dict(r) for r in rows]}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_experiment(cfg, manifest, killed), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    marker = killed / "rows" / "MM" / "folds" / "fold_0" / "predictions.csv"  # mid-way through row 2 of 2
+    deadline = time.time() + 240
+    while not marker.is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (killed / "metrics.json").is_file()
+
+    subprocess.run(_experiment(cfg, manifest, killed), env=env, check=True, capture_output=True)
+    subprocess.run(_experiment(cfg, manifest, tmp_path / "clean"), env=env, check=True, capture_output=True)
+    resumed = json.loads((killed / "metrics.json").read_text())
+    clean = json.loads((tmp_path / "clean" / "metrics.json").read_text())
+    assert _levels(resumed) == _levels(clean)
+    assert not list(killed.rglob("*.tmp"))  # a temp file left by the kill was never taken for a result
