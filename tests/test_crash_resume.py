@@ -53,3 +53,35 @@ def test_kill_9_mid_run_then_resume_gives_the_uninterrupted_metrics(tmp_path):
     clean = json.loads((tmp_path / "clean" / "metrics.json").read_text())
     assert _levels(resumed) == _levels(clean)
     assert not list(killed.rglob("*.tmp"))  # a temp file left by the kill was never taken for a result
+
+
+def test_corrupt_cached_features_and_shared_branches_are_recomputed_not_used(tmp_path):
+    """NaN/inf or truncated feature files and a corrupt shared-branch file are recomputed;
+    the metrics equal those of a run from a clean cache."""
+    import numpy as np
+
+    from breastfusion.experiment import run_experiment
+    from breastfusion.records import read_manifest
+
+    manifest = read_manifest(write_tiny_cohort(tmp_path / "data", n_cases=15))
+    model = tiny_model_config(backbone=BackboneConfig(name="resnet18", weights="none", frozen="all", image_size=32))
+
+    def rows(cache):
+        return [RunConfig(name=name, model=type(model)(**{**model.__dict__, "modalities": mods}),
+                          train=TrainConfig(mode="cached", epochs=3, batch_size=8, feature_copies=1,
+                                            cache_dir=str(cache)), cv=CVConfig(folds=3, test_folds=1))
+                for name, mods in (("US", ["US"]), ("MM", ["MG", "US"]))]
+
+    clean = run_experiment(manifest, rows(tmp_path / "cache"), tmp_path / "first", progress=False)
+    files = sorted((tmp_path / "cache" / "features").rglob("*.npy"))
+    np.save(files[0], np.full((2, 512), np.nan, dtype=np.float32))
+    np.save(files[1], np.full((2, 512), np.inf, dtype=np.float32))
+    files[2].write_bytes(files[2].read_bytes()[:40])  # truncated
+    branch = next((tmp_path / "first" / "branches").glob("*.safetensors"))
+    branch.write_bytes(b"not a safetensors file")
+    for fold in (tmp_path / "first" / "rows" / "MM" / "folds").iterdir():
+        (fold / "predictions.csv").unlink()  # make the MM row train again, reading the memo
+    again = run_experiment(manifest, rows(tmp_path / "cache"), tmp_path / "first", progress=False)
+    assert _levels(again) == _levels(clean)
+    for f in files[:3]:
+        assert np.isfinite(np.load(f)).all()

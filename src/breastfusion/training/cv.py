@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..config import ModelConfig, RunConfig, to_dict
-from ..errors import BreastFusionError, CohortError, InputImageError
+from ..errors import BreastFusionError, CohortError, InputImageError, WeightsError
 from ..evaluation.aggregate import LOGIT_COLUMNS, PROBA_COLUMNS
 from ..files import atomic_path, write_text
 from ..models.network import BreastFusionNet, HeadOnly, build_head, transfer_branch
@@ -37,6 +38,8 @@ from .features import FeatureStore
 from .instances import Instance, build_instances
 from .loop import FitResult, fit, pick_device, predict_logits, probabilities
 from .splits import FoldSplit, assign_folds, make_splits
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -263,8 +266,12 @@ class BranchMemo:
         weights, info = self.root / f"{key}.safetensors", self.root / f"{key}.json"
         if not (weights.is_file() and info.is_file()):
             return None
-        load_into(model, weights)
-        return FitResult(**json.loads(info.read_text()))
+        try:
+            load_into(model, weights)
+            return FitResult(**json.loads(info.read_text()))
+        except (WeightsError, ValueError, TypeError) as exc:  # a corrupt entry: train again
+            log.warning("%s: unusable shared branch (%s); training it again", weights.name, exc)
+            return None
 
     def save(self, key: str, model: torch.nn.Module, result: FitResult) -> None:
         self.root.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,6 +38,8 @@ from ..preprocess.pipeline import PreprocessCache
 from ..records import ImageRecord
 from .augment import Augment
 from .data import item_rng
+
+log = logging.getLogger(__name__)
 
 
 def weights_id(cfg: BackboneConfig) -> str:
@@ -74,14 +77,34 @@ class FeatureStore:
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "key.json").write_text(json.dumps(self.key, indent=1))
         unique = list({r.path: r for r in records}.values())
-        missing = [r for r in unique if not self._file(r).is_file()]
+        loaded = {r.path: self._load(r) for r in unique if self._file(r).is_file()}
+        missing = [r for r in unique if loaded.get(r.path) is None]
         if missing:
             if backbone is None:
                 from ..models.backbones import build_backbone
 
                 backbone = build_backbone(self.backbone_cfg)
             self._compute(missing, backbone, batch_size, device, progress)
-        return {r.path: np.load(self._file(r)) for r in unique if r.path not in self.failed}
+            for rec in missing:
+                if rec.path not in self.failed:
+                    loaded[rec.path] = self._load(rec)
+                    if loaded[rec.path] is None:
+                        self.failed[rec.path] = "the backbone gave non-finite features for this image"
+        return {r.path: loaded[r.path] for r in unique if r.path not in self.failed}
+
+    def _load(self, rec: ImageRecord) -> np.ndarray | None:
+        """A cached feature array, or None when it is unreadable, of the wrong shape or not
+        finite (a corrupt cache file is recomputed, never trained on)."""
+        file = self._file(rec)
+        try:
+            arr = np.load(file, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            log.warning("%s: unreadable cached features (%s); recomputing", file.name, exc)
+            return None
+        if arr.ndim != 2 or arr.shape[0] != 1 + self.copies or not np.isfinite(arr).all():
+            log.warning("%s: cached features of shape %s or not finite; recomputing", file.name, arr.shape)
+            return None
+        return arr
 
     @torch.no_grad()
     def _compute(self, records: list[ImageRecord], backbone: Backbone, batch_size, device, progress) -> None:
