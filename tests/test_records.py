@@ -71,3 +71,25 @@ def test_labels_optional_for_prediction(tmp_path):
     with pytest.raises(ManifestError, match="no label"):
         read_manifest(path)
     assert read_manifest(path, require_labels=False).cases()["P000:L"].label is None
+
+
+def test_paths_escaping_the_data_root_are_refused(tmp_path):
+    from PIL import Image
+
+    from breastfusion.errors import ManifestError
+    from breastfusion.records import read_manifest
+
+    data = tmp_path / "data"
+    data.mkdir()
+    outside = tmp_path / "secret.png"
+    Image.new("L", (8, 8)).save(outside)
+    Image.new("L", (8, 8)).save(tmp_path / "other.png")
+    Image.new("L", (8, 8)).save(data / "ok.png")
+    csv = data / "m.csv"
+    csv.write_text("patient_id,side,modality,view,kind,path,label,group\n"
+                   "P1,L,US,,,ok.png,benign,\nP2,L,US,,,../other.png,benign,\n"
+                   f"P3,L,US,,,{outside},benign,\n")
+    assert len(read_manifest(csv)) == 3  # without a root, the CSV's own choice
+    with pytest.raises(ManifestError) as err:
+        read_manifest(csv, data_root=data)
+    assert str(err.value).count("outside the data root") == 2 and "ok.png" not in str(err.value)

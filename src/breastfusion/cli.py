@@ -132,11 +132,13 @@ def contact_sheet_cmd(manifest: str, out_png: str, count: int, modality: str, si
 
 @main.command()
 @click.argument("manifest", type=click.Path(dir_okay=False))
-def validate(manifest: str) -> None:
+@click.option("--data-root", type=click.Path(file_okay=False), default=None,
+              help="Refuse image paths outside this folder.")
+def validate(manifest: str, data_root: str | None) -> None:
     """Validate a manifest and print its summary."""
     from .records import read_manifest
 
-    m = read_manifest(manifest)
+    m = read_manifest(manifest, data_root=data_root)
     cases = m.cases()
     click.echo(f"{manifest}: {len(m)} images, {len(cases)} cases, classes {m.class_counts()}")
 
@@ -181,9 +183,11 @@ def _load_rows(spec: str, second_image: str = "kind"):
               help="Presets only: the 'without second image' rows drop synthesized 2D (kind) or the MLO view "
                    "(view); auto picks kind when the manifest has synthesized 2D images, else view.")
 @click.option("--row", "row_names", multiple=True, help="Run only these rows (by name; repeatable).")
+@click.option("--data-root", type=click.Path(file_okay=False), default=None,
+              help="Refuse manifest image paths outside this folder.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def experiment(config: str, manifest: str, out_dir: str, epochs: int | None, folds: int | None,
-               second_image: str, row_names: tuple[str, ...], quiet: bool) -> None:
+               second_image: str, row_names: tuple[str, ...], data_root: str | None, quiet: bool) -> None:
     """Cross-validate every row of CONFIG (a preset name or a YAML file) on MANIFEST."""
     from .experiment import run_experiment
     from .presets import PRESETS, second_image_of
@@ -191,7 +195,7 @@ def experiment(config: str, manifest: str, out_dir: str, epochs: int | None, fol
 
     if config not in PRESETS and not Path(config).is_file():
         raise BreastFusionError(f"{config}: neither a preset ({', '.join(PRESETS)}) nor a config file")
-    m = read_manifest(manifest)
+    m = read_manifest(manifest, data_root=data_root)
     if second_image == "auto":
         second_image = second_image_of(m)
         if second_image == "view":

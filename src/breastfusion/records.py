@@ -141,8 +141,11 @@ def write_manifest(records: Iterable[ImageRecord], path: str | os.PathLike) -> P
 
 
 def read_manifest(path: str | os.PathLike, *, check_files: bool = True,
-                  require_labels: bool = True) -> Manifest:
-    """Read and validate a manifest CSV; raise ManifestError listing every problem."""
+                  require_labels: bool = True, data_root: str | os.PathLike | None = None) -> Manifest:
+    """Read and validate a manifest CSV; raise ManifestError listing every problem.
+
+    With `data_root`, every image path (after resolving "..", links and absolute
+    paths) must lie inside it: a manifest cannot make the tool read files elsewhere."""
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"{path}: manifest not found")
@@ -159,6 +162,10 @@ def read_manifest(path: str | os.PathLike, *, check_files: bool = True,
                 records.append(_parse_row(row, root))
             except ValueError as exc:
                 problems.append(f"{path.name} line {lineno}: {exc}")
+    if data_root is not None:
+        inside = Path(data_root).resolve()
+        problems += [f"{path.name}: {rec.path} lies outside the data root {inside}"
+                     for rec in records if not Path(rec.path).resolve().is_relative_to(inside)]
     problems += validate(records, check_files=check_files, require_labels=require_labels)
     if problems:
         raise ManifestError(_summarise(path, problems))
