@@ -85,3 +85,37 @@ def test_corrupt_cached_features_and_shared_branches_are_recomputed_not_used(tmp
     assert _levels(again) == _levels(clean)
     for f in files[:3]:
         assert np.isfinite(np.load(f)).all()
+
+
+def test_kill_9_inside_a_fold_resumes_from_the_epoch_checkpoint_with_identical_metrics(tmp_path):
+    manifest = write_tiny_cohort(tmp_path / "data", n_cases=15)
+    model = tiny_model_config(modalities=["US"],
+                              backbone=BackboneConfig(name="resnet18", weights="none", frozen="all", image_size=32))
+    row = RunConfig(name="US", model=model, cv=CVConfig(folds=3, test_folds=1),
+                    train=TrainConfig(mode="cached", epochs=400, batch_size=4, feature_copies=1,
+                                      cache_dir=str(tmp_path / "cache"), checkpoint_seconds=0))
+    cfg = tmp_path / "row.yaml"
+    cfg.write_text(yaml.safe_dump(to_dict(row)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_experiment(cfg, manifest, killed), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    fold0 = killed / "rows" / "US" / "folds" / "fold_0"
+    deadline = time.time() + 240
+    while proc.poll() is None and time.time() < deadline:
+        if (fold0 / "checkpoint.pt").is_file() and os.path.getsize(fold0 / "checkpoint.pt") > 0:
+            time.sleep(0.3)  # a few more epochs, so the kill lands anywhere in the loop
+            break
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (fold0 / "predictions.csv").is_file() and (fold0 / "checkpoint.pt").is_file()
+
+    subprocess.run(_experiment(cfg, manifest, killed), env=env, check=True, capture_output=True)
+    subprocess.run(_experiment(cfg, manifest, tmp_path / "clean"), env=env, check=True, capture_output=True)
+    fit = json.loads((fold0 / "fit.json").read_text())
+    assert fit["resumed_after_epoch"] is not None and 0 <= fit["resumed_after_epoch"] < 399
+    assert len(fit["history"]) == 400 and not list(fold0.glob("checkpoint*.pt"))
+    resumed = json.loads((killed / "metrics.json").read_text())
+    clean = json.loads((tmp_path / "clean" / "metrics.json").read_text())
+    assert _levels(resumed) == _levels(clean)

@@ -165,6 +165,7 @@ def run_fold(data: CVData, split: FoldSplit, cfg: RunConfig, fold_dir: Path, pro
         return [i for cid in ids for i in by_case.get(cid, [])]
 
     train, test, val = part(split.train), part(split.test), part(split.val)
+    fold_dir.mkdir(parents=True, exist_ok=True)  # holds checkpoints while the fold trains
     trainer = _Trainer(cfg, data, seed, device, progress, memo)
     pretrained = {}
     if cfg.model.multimodal and cfg.model.fusion_init == "branches" and cfg.model.head == "paper":
@@ -173,10 +174,11 @@ def run_fold(data: CVData, split: FoldSplit, cfg: RunConfig, fold_dir: Path, pro
         for modality in cfg.model.modality_set:
             single = single_modality(cfg.model, modality)
             model, _ = trainer.train(single, *(only(items, modality) for items in (train, test)),
-                                     desc=f"{cfg.name} fold {split.fold} {modality.value} branch")
+                                     desc=f"{cfg.name} fold {split.fold} {modality.value} branch",
+                                     checkpoint=fold_dir / f"checkpoint_{modality.value}.pt")
             pretrained[modality] = model
     model, result = trainer.train(cfg.model, train, test, desc=f"{cfg.name} fold {split.fold}",
-                                  branches=pretrained)
+                                  branches=pretrained, checkpoint=fold_dir / "checkpoint.pt")
     rows = _prediction_table(model, trainer.loader(val, False), val, split.fold, device)
     test_rows = _prediction_table(model, trainer.loader(test, False), test, split.fold, device)
     fold_dir.mkdir(parents=True, exist_ok=True)
@@ -184,6 +186,7 @@ def run_fold(data: CVData, split: FoldSplit, cfg: RunConfig, fold_dir: Path, pro
             "best_test_score": result.best_score, "select_by": cfg.train.select_by,
             "n_cases": {"train": len(split.train), "test": len(split.test), "val": len(split.val)},
             "n_instances": {"train": len(train), "test": len(test), "val": len(val)},
+            "resumed_after_epoch": result.resumed_after_epoch,
             "history": result.history}
     write_text(fold_dir / "fit.json", json.dumps(info, indent=1))
     save_weights(model, fold_dir / MODEL_FILE)
@@ -257,7 +260,8 @@ class BranchMemo:
 
     def key(self, cfg: RunConfig, model_cfg: ModelConfig, seed: int, train: list[Instance],
             test: list[Instance]) -> str:
-        payload = {"model": to_dict(model_cfg), "train": to_dict(cfg.train), "preprocess": to_dict(cfg.preprocess),
+        train_cfg = {k: v for k, v in to_dict(cfg.train).items() if k != "checkpoint_seconds"}  # changes no number
+        payload = {"model": to_dict(model_cfg), "train": train_cfg, "preprocess": to_dict(cfg.preprocess),
                    "seed": seed, "train_ids": [i.instance_id for i in train],
                    "test_ids": [i.instance_id for i in test]}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
@@ -307,7 +311,7 @@ class _Trainer:
         return BreastFusionNet(model_cfg)
 
     def train(self, model_cfg: ModelConfig, train: list[Instance], test: list[Instance], desc: str,
-              branches: dict | None = None):
+              branches: dict | None = None, checkpoint: Path | None = None):
         model = self.build(model_cfg)
         key = None
         if self.memo is not None and not model_cfg.multimodal:
@@ -320,7 +324,8 @@ class _Trainer:
             transfer_branch(source, model, modality, freeze=model_cfg.freeze_branches)
         model = model.to(self.device)
         result = fit(model, self.loader(train, True), self.loader(test, False), self.cfg.train,
-                     model_cfg.arcface_loss_weight, self.device, progress=self.progress, desc=desc)
+                     model_cfg.arcface_loss_weight, self.device, progress=self.progress, desc=desc,
+                     checkpoint=checkpoint)
         if key is not None:
             self.memo.save(key, model, result)
         return model, result
