@@ -152,16 +152,24 @@ def read_manifest(path: str | os.PathLike, *, check_files: bool = True,
     root = path.parent.resolve()
     problems: list[str] = []
     records: list[ImageRecord] = []
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        missing = [c for c in REQUIRED if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ManifestError(f"{path}: missing column(s) {', '.join(missing)}")
-        for lineno, row in enumerate(reader, start=2):
-            try:
-                records.append(_parse_row(row, root))
-            except ValueError as exc:
-                problems.append(f"{path.name} line {lineno}: {exc}")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:  # -sig: a BOM from spreadsheets is fine
+            reader = csv.DictReader(fh)
+            missing = [c for c in REQUIRED if c not in (reader.fieldnames or [])]
+            if missing:
+                raise ManifestError(f"{path}: missing column(s) {', '.join(missing)}")
+            for lineno, row in enumerate(reader, start=2):
+                try:
+                    records.append(_parse_row(row, root))
+                except ValueError as exc:
+                    problems.append(f"{path.name} line {lineno}: {exc}")
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"{path}: not UTF-8 text (byte {exc.start}); save the CSV as UTF-8") from None
+    except csv.Error as exc:
+        raise ManifestError(f"{path}: not a readable CSV near line {reader.line_num} ({exc}); "
+                            "an unbalanced quote is the usual cause") from None
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot read ({exc.strerror or exc})") from None
     if data_root is not None:
         inside = Path(data_root).resolve()
         problems += [f"{path.name}: {rec.path} lies outside the data root {inside}"

@@ -160,16 +160,21 @@ def is_grey_content(rgb: np.ndarray, full_scale: float) -> bool:
 
 @contextmanager
 def quiet_pydicom() -> Iterator[None]:
-    """Silence pydicom's warnings and log lines, which may quote tag values."""
+    """Silence pydicom's warnings and log lines, which may quote tag values.
+
+    `disabled` alone does not reach child loggers (pydicom 3's decoders log through
+    ``pydicom.pixels.decoders.base``); a level above CRITICAL does, by inheritance."""
     logger = logging.getLogger("pydicom")
-    was_disabled = logger.disabled
+    was_disabled, was_level = logger.disabled, logger.level
     logger.disabled = True
+    logger.setLevel(logging.CRITICAL + 1)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
         logger.disabled = was_disabled
+        logger.setLevel(was_level)
 
 
 @contextmanager
