@@ -168,8 +168,13 @@ def _load_rows(spec: str, second_image: str = "kind"):
     path = Path(spec)
     if not path.is_file():
         raise BreastFusionError(f"{spec}: neither a preset ({', '.join(PRESETS)}) nor a config file")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise BreastFusionError(f"{path}: not a readable YAML config ({str(exc).splitlines()[0]})") from None
     items = data["rows"] if isinstance(data, dict) and "rows" in data else [data]
+    if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+        raise BreastFusionError(f"{path}: a config is a mapping of keys, or {{rows: [mapping, ...]}}")
     return [from_dict(RunConfig, item).validate() for item in items]
 
 
@@ -212,9 +217,12 @@ def experiment(config: str, manifest: str, out_dir: str, epochs: int | None, fol
             r.train.epochs = epochs
         if folds is not None:
             r.cv.folds = folds
-    run_experiment(m, rows, out_dir, title=f"breastfusion: {config}", command=_command_line(),
-                   progress=not quiet)
+    metrics = run_experiment(m, rows, out_dir, title=f"breastfusion: {config}", command=_command_line(),
+                             progress=not quiet)
     click.echo(f"report: {Path(out_dir) / 'report.md'}")
+    reasons = [r["not_run"] for r in metrics["rows"] if "not_run" in r]
+    if len(reasons) == len(metrics["rows"]):
+        raise BreastFusionError(f"no row could run; first reason: {reasons[0]}")
 
 
 @main.command()

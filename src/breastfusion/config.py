@@ -8,6 +8,7 @@ one `RunConfig`; an experiment is a list of named RunConfigs.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -167,6 +168,16 @@ class RunConfig:
             problems.append(f"train.mode {t.mode!r} not in (finetune, cached)")
         if t.optimizer not in ("sgd", "adamw"):
             problems.append(f"train.optimizer {t.optimizer!r} not in (sgd, adamw)")
+        minimums = (("train.epochs", t.epochs, 1), ("train.batch_size", t.batch_size, 1),
+                    ("train.feature_copies", t.feature_copies, 0), ("train.num_workers", t.num_workers, 0),
+                    ("model.backbone.image_size", m.backbone.image_size, 32), ("cv.folds", self.cv.folds, 3))
+        for key, value, low in minimums:
+            if value < low:
+                problems.append(f"{key} must be at least {low}, got {value}")
+        if not (t.lr > 0):
+            problems.append(f"train.lr must be positive, got {t.lr}")
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", t.device):
+            problems.append(f"train.device {t.device!r} not one of auto, cpu, mps, cuda, cuda:N")
         if t.select_by not in ("auc", "loss"):
             problems.append(f"train.select_by {t.select_by!r} not in (auc, loss)")
         if t.mode == "cached" and m.backbone.frozen != "all":
@@ -211,8 +222,10 @@ def _coerce(value, hint, where):
         return [_coerce(v, item, where) for v in value]
     if origin in (typing.Union, types.UnionType):
         return value
-    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
+    if hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"config key {where} must be float, got {value!r}")
     if hint in (int, str, bool) and not isinstance(value, hint):
         raise ConfigError(f"config key {where} must be {hint.__name__}, got {value!r}")
     return value

@@ -146,7 +146,8 @@ def run_experiment(manifest: Manifest, rows: Sequence[RunConfig], out_dir: str |
     metrics = {"rows": results, "provenance": provenance}
     write_text(out / "metrics.json", json.dumps(metrics, indent=1, allow_nan=True))
     write_text(out / "report.md", report_markdown(title, results, provenance))
-    plot_roc(patients, out / "roc.png")
-    plot_confusion([(r["name"], r["patient"]["confusion"]) for r in results if "patient" in r],
-                   out / "confusion.png")
+    if patients:  # every row may have been "not run"
+        plot_roc(patients, out / "roc.png")
+        plot_confusion([(r["name"], r["patient"]["confusion"]) for r in results if "patient" in r],
+                       out / "confusion.png")
     return metrics

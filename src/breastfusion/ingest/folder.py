@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
 import re
@@ -316,7 +317,11 @@ def read_labels(path: PathLike) -> list[LabelRow]:
         raise ManifestError(f"{path}: labels file not found")
     rows: list[LabelRow] = []
     problems: list[str] = []
-    with open(file, newline="", encoding="utf-8-sig") as fh:
+    try:
+        text = file.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"{path}: not UTF-8 text (byte {exc.start}); save the CSV as UTF-8") from None
+    with io.StringIO(text, newline="") as fh:
         reader = csv.reader(fh)
         header = [h.strip().lower() for h in next(reader, [])]
         missing = [c for c in ("patient_id", "side", "label") if c not in header]

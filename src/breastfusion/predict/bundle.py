@@ -87,7 +87,9 @@ def trained_net(cfg: RunConfig, state: dict[str, torch.Tensor], backbones_from_c
     try:
         net.load_state_dict(state, strict=not backbones_from_config)
     except RuntimeError as exc:
-        raise WeightsError(f"weights do not fit the configured network ({str(exc).splitlines()[0][:200]})") from None
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        detail = next((ln for ln in lines if "size mismatch" in ln or "Missing" in ln or "Unexpected" in ln), lines[0])
+        raise WeightsError(f"weights do not fit the configured network ({detail[:200]})") from None
     return net.eval()
 
 
@@ -101,11 +103,21 @@ def export_bundle(row_dir: str | os.PathLike, out_dir: str | os.PathLike,
                            "rerun the experiment with this version of breastfusion")
     temperatures, pooled, states = [], [], []
     for fold_dir in folds:
-        test = pd.read_csv(fold_dir / "test_predictions.csv")
+        test_file = fold_dir / "test_predictions.csv"
+        if not test_file.is_file():
+            raise WeightsError(f"{test_file}: missing (calibration needs each fold's test-split logits); "
+                               "rerun the experiment to complete the fold")
+        test = pd.read_csv(test_file)
         t = fold_temperature(test)
         temperatures.append(t)
         pooled.append(calibrated_patients(test, t))
-        net = trained_net(cfg, read_state_dict(fold_dir / MODEL_FILE), backbones_from_config=True)
+        try:
+            net = trained_net(cfg, read_state_dict(fold_dir / MODEL_FILE), backbones_from_config=True)
+        except WeightsError as exc:
+            message = str(exc)
+            if not message.startswith(str(fold_dir)):
+                message = f"{fold_dir / MODEL_FILE}: {message}"
+            raise WeightsError(message) from None
         states.append(net.state_dict())
     patients = pd.concat(pooled, ignore_index=True)
     points = choose_operating_points(patients[PROBA_COLUMNS].to_numpy(float), patients["label"].to_numpy(int),
@@ -129,12 +141,21 @@ def export_bundle(row_dir: str | os.PathLike, out_dir: str | os.PathLike,
         "temperatures": temperatures,
         "operating_points": points.to_dict(),
         "preprocessing": {"size": cfg.model.backbone.image_size, **dataclasses.asdict(cfg.preprocess)},
-        "training_data": json.loads(data_file.read_text()) if data_file.is_file() else {},
+        "training_data": _training_data(data_file),
         "source_run": row_dir.name,
         "sha256": {name: sha256_file(path) for name, path in files.items()},
     }
     write_text(out / BUNDLE_FILE, json.dumps(meta, indent=1))
     return out
+
+
+def _training_data(data_file: Path) -> dict:
+    if not data_file.is_file():
+        return {}
+    try:
+        return json.loads(data_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise WeightsError(f"{data_file}: unreadable ({exc}); rerun the experiment to rewrite it") from None
 
 
 @dataclass
@@ -170,8 +191,14 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
         meta = json.loads(meta_file.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise WeightsError(f"{meta_file}: unreadable ({exc})") from None
+    if not isinstance(meta, dict):
+        raise WeightsError(f"{meta_file}: not a bundle description (a JSON object is expected)")
     if meta.get("format") != FORMAT:
         raise WeightsError(f"{meta_file}: bundle format {meta.get('format')!r}, this version reads {FORMAT}")
+    missing = [k for k in ("folds", "sha256", "temperatures", "operating_points", "breastfusion_version", "created")
+               if k not in meta]
+    if missing:
+        raise WeightsError(f"{meta_file}: incomplete bundle description (missing {', '.join(missing)})")
     sums = meta.get("sha256", {})
     expected = {"config.yaml", "weights/shared.safetensors", *(f"weights/fold_{k}.safetensors" for k in meta["folds"])}
     if set(sums) != expected:

@@ -35,6 +35,7 @@ from typing import Literal
 
 import numpy as np
 
+from ..errors import InputImageError
 from ..files import save_npy, sha256_file, write_text
 from ..vocab import Modality, Side
 from .images import pad_to_square, read_grey, resize
@@ -58,7 +59,6 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray | None:
         return ingest_read_rgb(path)
     from PIL import Image
 
-    from ..errors import InputImageError
 
     try:
         with Image.open(path) as img:
@@ -168,7 +168,12 @@ class PreprocessCache:
     def content_hash(self, path: str | os.PathLike) -> str:
         """SHA-256 of the file's bytes, memoised per (path, mtime, size)."""
         key = os.path.abspath(path)
-        st = os.stat(key)
+        try:
+            st = os.stat(key)
+        except FileNotFoundError:
+            raise InputImageError(f"{path}: file not found") from None
+        except OSError as exc:
+            raise InputImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
         known = self._hashes.get(key)
         if known is not None and known[:2] == (st.st_mtime_ns, st.st_size):
             return known[2]

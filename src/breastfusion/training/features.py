@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from ..config import BackboneConfig
-from ..errors import InputImageError
+from ..errors import InputImageError, WeightsError
 from ..files import save_npy, sha256_file
 from ..models.backbones import Backbone, imagenet_weights_path
 from ..preprocess.pipeline import PreprocessCache
@@ -46,6 +46,8 @@ def weights_id(cfg: BackboneConfig) -> str:
     if cfg.weights in ("none", ""):
         return "none"
     path = imagenet_weights_path(cfg.name) if cfg.weights == "imagenet" else Path(cfg.weights)
+    if not path.is_file():
+        raise WeightsError(f"{path}: weights file not found (model.backbone.weights)")
     return sha256_file(path)[:16]
 
 
@@ -76,7 +78,13 @@ class FeatureStore:
         """path -> (1 + copies, D) float32 array for every record preprocessing accepts."""
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "key.json").write_text(json.dumps(self.key, indent=1))
-        unique = list({r.path: r for r in records}.values())
+        unique = []
+        for rec in {r.path: r for r in records}.values():
+            try:
+                self._file(rec)  # hashes the file: fails for a file gone since the manifest was read
+                unique.append(rec)
+            except InputImageError as exc:
+                self.failed[rec.path] = str(exc)
         loaded = {r.path: self._load(r) for r in unique if self._file(r).is_file()}
         missing = [r for r in unique if loaded.get(r.path) is None]
         if missing:
@@ -90,7 +98,7 @@ class FeatureStore:
                     loaded[rec.path] = self._load(rec)
                     if loaded[rec.path] is None:
                         self.failed[rec.path] = "the backbone gave non-finite features for this image"
-        return {r.path: loaded[r.path] for r in unique if r.path not in self.failed}
+        return {r.path: loaded[r.path] for r in unique if r.path not in self.failed}  # refused: self.failed
 
     def _load(self, rec: ImageRecord) -> np.ndarray | None:
         """A cached feature array, or None when it is unreadable, of the wrong shape or not

@@ -10,13 +10,14 @@ that is the paper's 70% / 20% / 10%, and every case is validated exactly once.
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
-from ..errors import BreastFusionError
+from ..errors import BreastFusionError, CohortError
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,13 @@ def assign_folds(case_ids: Sequence[str], labels: Sequence[int], groups: Sequenc
     fold_of: dict[str, int] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "least populated class" on tiny cohorts
-        for k, (_, idx) in enumerate(splitter.split(np.zeros(len(case_ids)), labels, groups)):
+        try:
+            parts = list(splitter.split(np.zeros(len(case_ids)), labels, groups))
+        except ValueError as exc:
+            counts = dict(sorted(Counter(labels).items()))
+            raise CohortError(f"{n_folds} folds cannot be stratified with class counts {counts} ({exc}); "
+                              "use fewer folds or more data") from None
+        for k, (_, idx) in enumerate(parts):
             for i in idx:
                 fold_of[case_ids[i]] = k
     return fold_of
