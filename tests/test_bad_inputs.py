@@ -1308,9 +1308,8 @@ PREDICT = [
          "the other patients are predicted; the bad files are in OUT/skipped.csv with their reasons and counted in "
          "the printed ingest summary; the patient is absent from predictions.csv"),
     Case("predict-bad-patient-reported-in-outputs", "predict", *predicted(_bad_patient_reported),
-         "predictions.json says that files were skipped at ingest (the patient is not silently missing)",
-         bug="a patient whose every file is skipped at ingest vanishes from predictions.json and the worklist; "
-             "only the printed summary and OUT/skipped.csv mention the files", raises=AssertionError),
+         "predictions.json lists the files skipped at ingest with their reasons (`skipped_at_ingest`): the "
+         "patient is not silently missing"),
     Case("predict-doppler-only-patient", "predict", *predicted(_doppler_patient),
          "not predicted, counted (`instance: US image refused by preprocessing`), image in `refused_images` "
          "of predictions.json; the others are predicted"),

@@ -246,17 +246,17 @@ def export(row_dir: str, out_dir: str, malignant_sensitivity: float, normal_spec
 
 
 def _input_manifest(input_path: str, work: Path, salt: str | None):
-    """A manifest from a manifest CSV, or by ingesting a folder (DICOM and/or images)."""
+    """(manifest, files skipped at ingest) from a manifest CSV, or by ingesting a folder."""
     from .ingest.folder import ingest_folder, write_ingest
     from .records import read_manifest
 
     path = Path(input_path)
     if path.is_file():
-        return read_manifest(path, require_labels=False)
+        return read_manifest(path, require_labels=False), []
     result = ingest_folder(path, pseudonymise_salt=salt, progress=True)
     click.echo(result.summary())
     manifest_csv, _ = write_ingest(result, work / "manifest.csv")
-    return read_manifest(manifest_csv, require_labels=False)
+    return read_manifest(manifest_csv, require_labels=False), result.skipped
 
 
 @main.command()
@@ -281,9 +281,9 @@ def predict(input_path: str, bundle_dir: str, out_dir: str, no_heatmaps: bool, s
     bundle = load_bundle(bundle_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    manifest = _input_manifest(input_path, out, pseudonymise_salt)
+    manifest, skipped = _input_manifest(input_path, out, pseudonymise_salt)
     pred = run_predict(manifest, bundle, cache_dir=cache_dir, heatmaps=not no_heatmaps, device=device)
-    write_prediction(pred, bundle, out, save_arrays=save_arrays)
+    write_prediction(pred, bundle, out, save_arrays=save_arrays, skipped_at_ingest=skipped)
     counts = pred.patients["decision"].value_counts().to_dict()
     click.echo(f"{len(pred.patients)} patients: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
     if pred.skipped:

@@ -230,7 +230,10 @@ def _normalise(heat: np.ndarray) -> np.ndarray:
     return (heat / top).astype(np.float32) if top > 0 else heat.astype(np.float32)
 
 
-def write_prediction(pred: Prediction, bundle: Bundle, out_dir: str | os.PathLike, save_arrays: bool = False) -> Path:
+def write_prediction(pred: Prediction, bundle: Bundle, out_dir: str | os.PathLike, save_arrays: bool = False,
+                     skipped_at_ingest: list[tuple[str, str]] | None = None) -> Path:
+    """Write every output (see the module docstring). `skipped_at_ingest`: (file, reason) of the
+    input files ingest could not use, so that a patient whose every file was bad is reported."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "predictions.csv") as tmp:
@@ -263,6 +266,7 @@ def write_prediction(pred: Prediction, bundle: Bundle, out_dir: str | os.PathLik
         "instances": json.loads(pred.instances.to_json(orient="records")),
         "not_predicted": dict(pred.skipped),
         "refused_images": {Path(k).name: v for k, v in pred.refused.items()},
+        "skipped_at_ingest": [{"file": f, "reason": r} for f, r in (skipped_at_ingest or [])],
     }
     write_text(out / "predictions.json", json.dumps(summary, indent=1))
     return out
