@@ -67,7 +67,7 @@ def test_bundle_round_trip_reproduces_the_fold_networks(trained):
     for d in fold_dirs(row_dir):
         net = trained_net(cfg, read_state_dict(d / MODEL_FILE), backbones_from_config=True)
         with torch.no_grad():
-            direct.append(np.stack([net(instance_batch(i, source, 32)).logits[0].numpy() for i in instances]))
+            direct.append(np.stack([net(instance_batch(i, source)).logits[0].numpy() for i in instances]))
     np.testing.assert_allclose(got, bundle.probabilities(direct), atol=1e-6)
     again = load_bundle(bundle_dir)
     np.testing.assert_array_equal(got, again.probabilities(ensemble_logits(again, instances, source,
@@ -139,7 +139,7 @@ def test_gradcam_maps_every_image_and_releases_its_hooks(trained):
     net = bundle.nets[0]
     cfg = bundle.config
     instances, _ = build_instances(manifest.cases().values(), cfg.model.modality_set, cfg.model.slots)
-    batch = instance_batch(instances[0], image_source(cfg), 32)
+    batch = instance_batch(instances[0], image_source(cfg))
     exp = explain_instance(net, batch, list(cfg.model.slots))
     assert set(exp.mg) == {"CC-2D", "MLO-2D", "CC-synthesized", "MLO-synthesized"}
     for heat in [*exp.mg.values(), exp.us]:

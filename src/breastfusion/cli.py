@@ -159,12 +159,11 @@ def config_cmd(preset_name: str, row: str | None) -> None:
     click.echo(yaml.safe_dump({"rows": [to_dict(r) for r in rows]}, sort_keys=False), nl=False)
 
 
-def _load_rows(spec: str, second_image: str = "kind"):
+def _rows_from_file(spec: str):
+    """The rows of a YAML config file (one RunConfig, or {rows: [...]})."""
     from .config import RunConfig, from_dict
-    from .presets import PRESETS, preset
+    from .presets import PRESETS
 
-    if spec in PRESETS:
-        return preset(spec, second_image)
     path = Path(spec)
     if not path.is_file():
         raise BreastFusionError(f"{spec}: neither a preset ({', '.join(PRESETS)}) nor a config file")
@@ -195,18 +194,18 @@ def experiment(config: str, manifest: str, out_dir: str, epochs: int | None, fol
                second_image: str, row_names: tuple[str, ...], data_root: str | None, quiet: bool) -> None:
     """Cross-validate every row of CONFIG (a preset name or a YAML file) on MANIFEST."""
     from .experiment import run_experiment
-    from .presets import PRESETS, second_image_of
+    from .presets import PRESETS, preset, second_image_of
     from .records import read_manifest
 
-    if config not in PRESETS and not Path(config).is_file():
-        raise BreastFusionError(f"{config}: neither a preset ({', '.join(PRESETS)}) nor a config file")
+    rows = None if config in PRESETS else _rows_from_file(config)  # a bad file fails before the manifest is read
     m = read_manifest(manifest, data_root=data_root)
-    if second_image == "auto":
-        second_image = second_image_of(m)
-        if second_image == "view":
-            click.echo("no synthesized 2D mammograms in the manifest: the 'without second image' rows drop "
-                       "the MLO view instead of C-View (--second-image to choose)")
-    rows = _load_rows(config, second_image)
+    if rows is None:
+        if second_image == "auto":
+            second_image = second_image_of(m)
+            if second_image == "view":
+                click.echo("no synthesized 2D mammograms in the manifest: the 'without second image' rows drop "
+                           "the MLO view instead of C-View (--second-image to choose)")
+        rows = preset(config, second_image)
     if row_names:
         unknown = sorted(set(row_names) - {r.name for r in rows})
         if unknown:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,14 +31,14 @@ from .evaluation.aggregate import PROBA_COLUMNS, aggregate
 from .evaluation.calibration import calibrate_folds, expected_calibration_error, plot_reliability
 from .evaluation.plots import plot_confusion, plot_roc
 from .evaluation.report import describe_row, evaluate_predictions, report_markdown
-from .files import atomic_path, remove_stale_temporaries, write_text
+from .files import atomic_path, remove_stale_temporaries, safe_name, write_text
 from .provenance import git_commit, machine, now, versions
 from .records import Manifest
 from .training.cv import BranchMemo, cross_validate
 
 
 def row_dirname(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "row"
+    return safe_name(name, "row")
 
 
 def training_data(manifest: Manifest, result) -> dict:
@@ -54,16 +53,15 @@ def training_data(manifest: Manifest, result) -> dict:
     }
 
 
-def row_calibration(row_dir: Path, splits) -> dict | None:
+def row_calibration(row_dir: Path, predictions: pd.DataFrame) -> dict | None:
     """Temperature scaling per fold (fitted on the fold's test split) judged on the validation
-    folds at patient level: ECE before and after, and the reliability diagram."""
+    folds (`predictions`, all folds) at patient level: ECE before and after, reliability diagram."""
     folds = []
-    for split in splits:
-        fold_dir = row_dir / "folds" / f"fold_{split.fold}"
-        test, val = fold_dir / "test_predictions.csv", fold_dir / "predictions.csv"
+    for fold, val in predictions.groupby("fold", sort=True):
+        test = row_dir / "folds" / f"fold_{fold}" / "test_predictions.csv"
         if not test.is_file():
             return None  # folds from a version that did not keep test-split logits
-        folds.append((pd.read_csv(test), pd.read_csv(val)))
+        folds.append((pd.read_csv(test), val))
     before, after, temps = calibrate_folds(folds)
     curves = []
     for name, table in (("uncalibrated", before), ("temperature-scaled", after)):
@@ -115,7 +113,7 @@ def run_experiment(manifest: Manifest, rows: Sequence[RunConfig], out_dir: str |
         write_text(row_dir / "config.yaml", yaml.safe_dump(to_dict(row), sort_keys=False))
         write_text(row_dir / "data.json", json.dumps(training_data(manifest, result), indent=1))
         plot_roc([(row.name, patient_means)], row_dir / "roc.png")
-        calibration = row_calibration(row_dir, result.data.splits)
+        calibration = row_calibration(row_dir, instances)
         entry = describe_row(row)
         entry.update(evaluate_predictions(instances, patient_votes, patient_means))
         entry["excluded"] = dict(result.data.skipped)

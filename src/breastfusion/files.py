@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -63,3 +64,9 @@ def remove_stale_temporaries(root: str | os.PathLike) -> int:
             tmp.unlink()
             count += 1
     return count
+
+
+def safe_name(text: str, fallback: str) -> str:
+    """`text` as a file or folder name: runs of other characters than letters, digits, "_",
+    "." and "-" become one "_"; `fallback` when nothing is left."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or fallback

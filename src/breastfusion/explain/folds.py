@@ -150,7 +150,7 @@ def explain_row(row_dir: str | os.PathLike, manifest: Manifest, modality: Modali
                 if not lesion.any():
                     continue
                 goal = ABNORMAL if target == ABNORMAL else inst.label.index
-                exp = explain_instance(net, instance_batch(inst, source, size), slots, class_index=goal)
+                exp = explain_instance(net, instance_batch(inst, source), slots, class_index=goal)
                 heat = exp.us if modality is Modality.US else exp.mg[_slot_of(inst, rec, slots)]
                 out.append(Explained(score(Path(rec.path).name, inst.label.value, heat, lesion), img, heat, lesion))
     return out

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,17 +32,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from torch.utils.data import default_collate
 from tqdm import tqdm
 
 from ..errors import CohortError
 from ..evaluation.aggregate import PROBA_COLUMNS, aggregate
 from ..evaluation.calibration import decide
 from ..explain.gradcam import explain_instance
-from ..files import atomic_path, write_text
+from ..files import atomic_path, safe_name, write_text
 from ..models.backbones import Backbone
 from ..preprocess.pipeline import PreprocessCache
 from ..records import ImageRecord, Manifest
 from ..training.cv import image_source, screen, without_failed
+from ..training.data import ImageInstances
 from ..training.instances import Instance, build_instances
 from ..training.loop import pick_device
 from ..vocab import CLASS_NAMES, Modality
@@ -106,20 +107,9 @@ def ensemble_logits(bundle: Bundle, items: list[Instance], source: PreprocessCac
     return out
 
 
-def instance_batch(inst: Instance, source: PreprocessCache, size: int) -> dict[str, torch.Tensor]:
-    """One instance's images as a batch of one (what training feeds in fine-tune mode)."""
-    def image(rec):
-        if rec is None:
-            return torch.zeros(1, size, size)
-        return torch.from_numpy(source.get(rec.path, rec.modality, rec.side)).unsqueeze(0)
-
-    batch = {}
-    if inst.mg:
-        batch["mg"] = torch.stack([image(r) for r in inst.mg]).unsqueeze(0)
-        batch["mg_mask"] = torch.tensor([inst.mg_mask], dtype=torch.bool)
-    if inst.us is not None:
-        batch["us"] = image(inst.us).unsqueeze(0)
-    return batch
+def instance_batch(inst: Instance, source: PreprocessCache) -> dict[str, torch.Tensor]:
+    """One instance's images as a batch of one: exactly what fine-tune training feeds."""
+    return default_collate([ImageInstances([inst], source, train=False)[0]])
 
 
 @dataclass
@@ -131,10 +121,6 @@ class Prediction:
     results: list[PatientResult]
     skipped: Counter = field(default_factory=Counter)
     refused: dict[str, str] = field(default_factory=dict)
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "case"
 
 
 def predict(manifest: Manifest, bundle: Bundle, cache_dir: str | os.PathLike = ".cache/breastfusion",
@@ -168,7 +154,8 @@ def predict(manifest: Manifest, bundle: Bundle, cache_dir: str | os.PathLike = "
     for _, row in tqdm(list(patients.iterrows()), desc="explain", unit="patient",
                        disable=not (progress and heatmaps), leave=False):
         items = [instances[k] for k in by_case[row["case_id"]]]
-        panels = _panels(bundle, items, source, dev) if heatmaps else []
+        target = CLASS_NAMES.index(row["triage_mean"])
+        panels = _panels(bundle, items, source, dev, target) if heatmaps else []
         results.append(PatientResult(
             case_id=row["case_id"],
             probabilities={c: float(row[f"p_{c}"]) for c in CLASS_NAMES},
@@ -187,23 +174,16 @@ def _warnings(items: list[Instance], slots: list[str]) -> list[str]:
     return [f"{slot} view missing" for slot, rec in zip(slots, first.mg, strict=False) if rec is None]
 
 
-def _panels(bundle: Bundle, items: list[Instance], source: PreprocessCache, dev) -> list[ImagePanel]:
-    """Grad-CAM per image for the patient's predicted class (mean probability), averaged over
-    folds; an MG view's map is averaged over the patient's instances too (each instance pairs
-    the same MG views with another US image)."""
-    size = bundle.config.model.backbone.image_size
+def _panels(bundle: Bundle, items: list[Instance], source: PreprocessCache, dev, target: int) -> list[ImagePanel]:
+    """Grad-CAM per image for class `target` (the patient's triage class by mean probability),
+    averaged over folds; an MG view's map is averaged over the patient's instances too (each
+    instance pairs the same MG views with another US image)."""
     slots = list(bundle.config.model.slots)
     mg_maps: dict[str, list[np.ndarray]] = {}
     us_maps: dict[str, list[np.ndarray]] = {}
-    probs = []
     for net in bundle.nets:
         for inst in items:
-            batch = {k: v.to(dev) for k, v in instance_batch(inst, source, size).items()}
-            probs.append(torch.softmax(net(batch).logits, -1).detach().cpu().numpy()[0])
-    target = int(np.mean(probs, axis=0).argmax())
-    for net in bundle.nets:
-        for inst in items:
-            batch = {k: v.to(dev) for k, v in instance_batch(inst, source, size).items()}
+            batch = {k: v.to(dev) for k, v in instance_batch(inst, source).items()}
             exp = explain_instance(net, batch, slots, class_index=target)
             for name, heat in exp.mg.items():
                 mg_maps.setdefault(name, []).append(heat)
@@ -244,11 +224,11 @@ def write_prediction(pred: Prediction, bundle: Bundle, out_dir: str | os.PathLik
                   "operating points": _describe_points(bundle)}
     reports = {}
     for res in pred.results:
-        name = _safe(res.case_id)
+        name = safe_name(res.case_id, "case")
         for panel in res.panels:
             if panel.heatmap is None:
                 continue
-            stem = out / "heatmaps" / name / _safe(panel.title)
+            stem = out / "heatmaps" / name / safe_name(panel.title, "image")
             stem.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(stem.with_suffix(".png")) as tmp:
                 Path(tmp).write_bytes(overlay_png(panel.image, panel.heatmap))
@@ -289,13 +269,12 @@ def naive_probabilities(bundle: Bundle, items: list[Instance], source: Preproces
     """Every instance through every fold's whole network, images and all: the reference
     that the MG-once path must reproduce (and the slow path it replaces)."""
     dev = pick_device(device)
-    size = bundle.config.model.backbone.image_size
     per_fold = []
     for net in bundle.nets:
         net.to(dev).eval()
         rows = []
         for inst in items:
-            batch = {k: v.to(dev) for k, v in instance_batch(inst, source, size).items()}
+            batch = {k: v.to(dev) for k, v in instance_batch(inst, source).items()}
             with torch.no_grad():
                 rows.append(net(batch).logits.float().cpu().numpy()[0])
         per_fold.append(np.stack(rows))

@@ -83,8 +83,7 @@ def prepare(manifest: Manifest, cfg: RunConfig, progress: bool = True) -> CVData
         failed = screen(records, source, progress)
     instances = without_failed(instances, failed, skipped)
     if not instances:
-        raise CohortError(f"config {cfg.name!r}: no case has the images this model needs "
-                                f"({dict(skipped)})")
+        raise CohortError(f"config {cfg.name!r}: no case has the images this model needs ({dict(skipped)})")
     used = {i.case_id for i in instances}
     kept = [c for c in cases if c.case_id in used]
     fold_of = assign_folds([c.case_id for c in kept], [c.label.index for c in kept],
@@ -181,7 +180,6 @@ def run_fold(data: CVData, split: FoldSplit, cfg: RunConfig, fold_dir: Path, pro
                                   branches=pretrained, checkpoint=fold_dir / "checkpoint.pt")
     rows = _prediction_table(model, trainer.loader(val, False), val, split.fold, device)
     test_rows = _prediction_table(model, trainer.loader(test, False), test, split.fold, device)
-    fold_dir.mkdir(parents=True, exist_ok=True)
     info = {"fold": split.fold, "seed": seed, "best_epoch": result.best_epoch,
             "best_test_score": result.best_score, "select_by": cfg.train.select_by,
             "n_cases": {"train": len(split.train), "test": len(split.test), "val": len(split.val)},
