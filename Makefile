@@ -16,11 +16,11 @@ demo: $(STAMP)
 	$(BIN)/breastfusion demo -o runs/demo
 
 test: $(STAMP)
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests bench
 
 clean:
 	rm -rf $(VENV) runs .cache .pytest_cache

@@ -137,3 +137,22 @@ def test_row_without_obtainable_weights_is_reported_not_run(tmp_path, monkeypatc
     report = (tmp_path / "run" / "report.md").read_text()
     assert "| GoogLeNet US | googlenet (imagenet), cached | - | yes | not run" in report
 
+
+
+@pytest.mark.parametrize("mode", ["cached", "finetune"])
+def test_parallel_folds_give_the_results_of_sequential_folds(tmp_path, mode):
+    """--jobs 2: folds trained in two worker processes, each with its share of the threads."""
+    manifest = read_manifest(write_tiny_cohort(tmp_path / "data", n_cases=20))
+    rows = _rows(tmp_path, mode)[2:]
+    rows[0].cv.folds = 3
+    one = run_experiment(manifest, rows, tmp_path / "one", progress=False)
+    two = run_experiment(manifest, copy.deepcopy(rows), tmp_path / "two", progress=False, jobs=2)
+    a, b = one["rows"][0], two["rows"][0]
+    for level in ("instance", "patient"):
+        for cls, auc in a[level]["auc"].items():
+            assert b[level]["auc"][cls]["mean"] == pytest.approx(auc["mean"], abs=1e-6), (level, cls)
+        assert b[level]["confusion"] == a[level]["confusion"]
+    for fold in range(3):
+        p1 = (tmp_path / "one" / "rows" / "MM" / "folds" / f"fold_{fold}" / "predictions.csv").read_text()
+        p2 = (tmp_path / "two" / "rows" / "MM" / "folds" / f"fold_{fold}" / "predictions.csv").read_text()
+        assert p1.splitlines()[0] == p2.splitlines()[0] and len(p1.splitlines()) == len(p2.splitlines())

@@ -189,9 +189,13 @@ def _rows_from_file(spec: str):
 @click.option("--row", "row_names", multiple=True, help="Run only these rows (by name; repeatable).")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None,
               help="Refuse manifest image paths outside this folder.")
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Train this many folds at once, each in its own process (and on its own GPU when "
+                   "several are present); results are those of --jobs 1.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def experiment(config: str, manifest: str, out_dir: str, epochs: int | None, folds: int | None,
-               second_image: str, row_names: tuple[str, ...], data_root: str | None, quiet: bool) -> None:
+               second_image: str, row_names: tuple[str, ...], data_root: str | None, jobs: int,
+               quiet: bool) -> None:
     """Cross-validate every row of CONFIG (a preset name or a YAML file) on MANIFEST."""
     from .experiment import run_experiment
     from .presets import PRESETS, preset, second_image_of
@@ -217,7 +221,9 @@ def experiment(config: str, manifest: str, out_dir: str, epochs: int | None, fol
         if folds is not None:
             r.cv.folds = folds
     metrics = run_experiment(m, rows, out_dir, title=f"breastfusion: {config}", command=_command_line(),
-                             progress=not quiet)
+                             progress=not quiet, jobs=jobs)
+    if "helper_rank" in metrics:  # torchrun: rank 0 reports
+        return
     click.echo(f"report: {Path(out_dir) / 'report.md'}")
     reasons = [r["not_run"] for r in metrics["rows"] if "not_run" in r]
     if len(reasons) == len(metrics["rows"]):

@@ -35,6 +35,7 @@ from .files import atomic_path, remove_stale_temporaries, safe_name, write_text
 from .provenance import git_commit, machine, now, versions
 from .records import Manifest
 from .training.cv import BranchMemo, cross_validate
+from .training.distributed import Distributed
 
 
 def row_dirname(name: str) -> str:
@@ -74,13 +75,32 @@ def row_calibration(row_dir: Path, predictions: pd.DataFrame) -> dict | None:
 
 def run_experiment(manifest: Manifest, rows: Sequence[RunConfig], out_dir: str | os.PathLike,
                    title: str = "breastfusion experiment", command: str = "",
-                   progress: bool = True) -> dict:
+                   progress: bool = True, jobs: int = 1) -> dict:
+    """Cross-validate every row (resumable); `jobs` folds at a time (see training.cv).
+
+    Under torchrun (WORLD_SIZE > 1) every rank runs this; the folds are trained by all ranks
+    together (DistributedDataParallel) and only the main rank writes files and reports."""
+    with Distributed.from_env() as dist:
+        return _run_experiment(manifest, rows, out_dir, title, command, progress and dist.is_main, jobs, dist)
+
+
+def _run_experiment(manifest: Manifest, rows: Sequence[RunConfig], out_dir: str | os.PathLike, title: str,
+                    command: str, progress: bool, jobs: int, dist: Distributed) -> dict:
     names = [r.name for r in rows]
     if len(set(names)) != len(names):
         raise ConfigError(f"row names must be unique: {names}")
     for row in rows:
         row.validate()
     out = Path(out_dir)
+    if not dist.is_main:  # a helper rank: it trains every fold with the others, and writes nothing
+        memo = BranchMemo(out / "branches")
+        for row in rows:
+            try:
+                cross_validate(manifest, row, out / "rows" / row_dirname(row.name), progress=False, memo=memo,
+                               dist=dist)
+            except (WeightsError, CohortError):
+                continue  # the main rank reports the row as not run
+        return {"rows": [], "helper_rank": dist.rank}  # the main rank's metrics.json has the results
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)  # left by a run killed mid-write; completed files are intact
     write_text(out / "config.yaml", yaml.safe_dump({"rows": [to_dict(r) for r in rows]}, sort_keys=False))
@@ -94,7 +114,7 @@ def run_experiment(manifest: Manifest, rows: Sequence[RunConfig], out_dir: str |
         if progress:
             print(f"[{row.name}] cross-validating ({row.cv.folds} folds, {row.train.mode} mode)", flush=True)
         try:
-            result = cross_validate(manifest, row, row_dir, progress=progress, memo=memo)
+            result = cross_validate(manifest, row, row_dir, progress=progress, memo=memo, jobs=jobs, dist=dist)
         except (WeightsError, CohortError) as exc:
             # GoogLeNet without ImageNet weights (a frozen random backbone says nothing),
             # or a row the data cannot feed (MLO-less rows on MLO-only mini-MIAS): the

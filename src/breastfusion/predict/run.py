@@ -45,30 +45,36 @@ from ..preprocess.pipeline import PreprocessCache
 from ..records import ImageRecord, Manifest
 from ..training.cv import image_source, screen, without_failed
 from ..training.data import ImageInstances
+from ..training.device import autocast, memory_format, pick_device, to_device
 from ..training.instances import Instance, build_instances
-from ..training.loop import pick_device
 from ..vocab import CLASS_NAMES, Modality
 from .bundle import Bundle
 from .html import ImagePanel, InstanceRow, PatientResult, overlay_png, write_patient_report, write_worklist
 
 
 class FeatureBank:
-    """Backbone features of images, computed once per (backbone module, image)."""
+    """Backbone features of images, computed once per (backbone module, image), in the
+    arithmetic the model was trained with (`precision`, `channels_last`: TrainConfig)."""
 
-    def __init__(self, source: PreprocessCache, device: torch.device, batch_size: int = 32):
+    def __init__(self, source: PreprocessCache, device: torch.device, batch_size: int = 32,
+                 precision: str = "fp32", channels_last: bool = False):
         self.source, self.device, self.batch_size = source, device, batch_size
+        self.precision, self.channels_last = precision, channels_last
         self._store: dict[tuple[int, str], torch.Tensor] = {}
 
     def encode(self, backbone: Backbone, records: list[ImageRecord]) -> None:
         todo = list({r.path: r for r in records if (id(backbone), r.path) not in self._store}.values())
         backbone.eval()
-        for start in range(0, len(todo), self.batch_size):
-            chunk = todo[start:start + self.batch_size]
-            images = torch.stack([torch.from_numpy(self.source.get(r.path, r.modality, r.side)) for r in chunk])
-            with torch.no_grad():
-                feats = backbone(images.unsqueeze(1).to(self.device)).float().cpu()
-            for rec, feat in zip(chunk, feats, strict=True):
-                self._store[(id(backbone), rec.path)] = feat
+        with torch.no_grad(), memory_format(backbone, self.channels_last) as cl:
+            for start in range(0, len(todo), self.batch_size):
+                chunk = todo[start:start + self.batch_size]
+                images = torch.stack([torch.from_numpy(self.source.get(r.path, r.modality, r.side))
+                                      for r in chunk])
+                batch = to_device({"images": images.unsqueeze(1)}, self.device, cl)["images"]
+                with autocast(self.device, self.precision):
+                    feats = backbone(batch).float().cpu()
+                for rec, feat in zip(chunk, feats, strict=True):
+                    self._store[(id(backbone), rec.path)] = feat
 
     def get(self, backbone: Backbone, path: str) -> torch.Tensor:
         return self._store[(id(backbone), path)]
@@ -94,7 +100,8 @@ def head_inputs(net, bank: FeatureBank, items: list[Instance]) -> dict[str, torc
 def ensemble_logits(bundle: Bundle, items: list[Instance], source: PreprocessCache,
                     device: torch.device) -> list[np.ndarray]:
     """(N, 3) logits per fold network, MG-once through a shared FeatureBank."""
-    bank = FeatureBank(source, device)
+    train = bundle.config.train
+    bank = FeatureBank(source, device, precision=train.precision, channels_last=train.channels_last)
     out = []
     for net in bundle.nets:
         net.to(device).eval()

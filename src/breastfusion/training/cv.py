@@ -34,6 +34,8 @@ from ..records import ImageRecord, Manifest
 from ..vocab import Modality
 from .augment import Augment
 from .data import FeatureInstances, ImageInstances
+from .device import loader_kwargs
+from .distributed import Distributed
 from .features import FeatureStore
 from .instances import Instance, build_instances
 from .loop import FitResult, fit, pick_device, predict_logits, probabilities
@@ -76,7 +78,7 @@ def prepare(manifest: Manifest, cfg: RunConfig, progress: bool = True) -> CVData
     if cfg.train.mode == "cached":
         store = FeatureStore(cfg.train.cache_dir, cfg.model.backbone, source,
                              Augment(cfg.train.hflip_p, cfg.train.rotation_deg), cfg.train.feature_copies,
-                             cfg.train.seed)
+                             cfg.train.seed, channels_last=cfg.train.channels_last)
         features = store.features(records, device=pick_device(cfg.train.device), progress=progress)
         failed = store.failed
     else:
@@ -131,31 +133,107 @@ class CVResult:
 
 
 def cross_validate(manifest: Manifest, cfg: RunConfig, out_dir: str | os.PathLike,
-                   progress: bool = True, memo: BranchMemo | None = None) -> CVResult:
+                   progress: bool = True, memo: BranchMemo | None = None, jobs: int = 1,
+                   dist: Distributed | None = None) -> CVResult:
     """Run (or resume) all folds; return the validation instance predictions of every fold.
 
     ``memo`` (optional) shares trained single-modality networks between the rows of an
-    experiment (see BranchMemo)."""
+    experiment (see BranchMemo). ``jobs`` > 1 trains that many folds at once, each in its
+    own process (see `run_folds_parallel`); the results are those of ``jobs=1``. With an
+    enabled ``dist`` (torchrun; call on every rank) each fold is trained by all ranks together
+    (DistributedDataParallel, see distributed.py); the main rank fills the caches first and
+    alone writes files, and the others read them."""
     cfg.validate()
+    dist = dist if dist is not None else Distributed.single(cfg.train.device)
     out_dir = Path(out_dir)
-    data = prepare(manifest, cfg, progress)
-    if data.failed:
+    if not dist.is_main:
+        dist.barrier()  # the main rank preprocesses and extracts features first ...
+    data = prepare(manifest, cfg, progress and dist.is_main)
+    if dist.is_main:
+        dist.barrier()  # ... then the other ranks read them from the caches
+    if data.failed and dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_text(out_dir / "refused_images.json", json.dumps(data.failed, indent=1))
-    frames = []
-    for split in data.splits:
-        fold_dir = out_dir / "folds" / f"fold_{split.fold}"
-        done = fold_dir / "predictions.csv"
-        if not done.is_file():
-            run_fold(data, split, cfg, fold_dir, progress, memo)
-        frames.append(pd.read_csv(done))
+    todo = dist.broadcast_object(  # the main rank's view of what is done
+        [s for s in data.splits if not (_fold_dir(out_dir, s) / "predictions.csv").is_file()])
+    if dist.enabled:
+        for split in todo:
+            run_fold(data, split, cfg, _fold_dir(out_dir, split), progress, memo, dist=dist)
+            dist.barrier()  # the fold's files are written before anyone reads them
+    elif jobs > 1 and len(todo) > 1:
+        run_folds_parallel(data, todo, cfg, out_dir, jobs, progress, memo)
+    else:
+        for split in todo:
+            run_fold(data, split, cfg, _fold_dir(out_dir, split), progress, memo)
+    frames = [pd.read_csv(_fold_dir(out_dir, s) / "predictions.csv") for s in data.splits]
     return CVResult(pd.concat(frames, ignore_index=True), data)
 
 
+def _fold_dir(out_dir: Path, split: FoldSplit) -> Path:
+    return out_dir / "folds" / f"fold_{split.fold}"
+
+
+def fold_devices(jobs: int) -> list[str]:
+    """The device of each parallel fold job: one GPU each (round robin) when there are
+    several, else all on the one GPU or the CPU."""
+    n = torch.cuda.device_count()
+    if n > 1:
+        return [f"cuda:{k % n}" for k in range(jobs)]
+    return ["cuda" if n == 1 else "cpu"] * jobs
+
+
+def run_folds_parallel(data: CVData, splits: list[FoldSplit], cfg: RunConfig, out_dir: Path, jobs: int,
+                       progress: bool = True, memo: BranchMemo | None = None) -> None:
+    """Independent folds as separate processes (`--jobs N`): at most `jobs` at a time, each
+    with its share of the CPU threads and, when several GPUs are present, its own GPU.
+
+    A fold's result does not depend on which process ran it (its seed is the fold's, its
+    data the same `CVData`); a failed fold raises here after the others have finished, and
+    rerunning resumes as usual. `cfg.train.device` "auto" picks the job's device; an
+    explicit device is kept."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    jobs = min(jobs, len(splits))
+    threads = max(1, torch.get_num_threads() // jobs)
+    devices = fold_devices(jobs)
+    ctx = mp.get_context("spawn")  # never fork a process that holds torch threads
+    errors = []
+    bar = tqdm(total=len(splits), desc=f"{cfg.name} folds ({jobs} jobs)", unit="fold", disable=not progress,
+               leave=False)
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        futures = {}
+        for k, split in enumerate(splits):
+            device = devices[k % jobs] if cfg.train.device == "auto" else cfg.train.device
+            futures[pool.submit(_fold_job, data, split, cfg, _fold_dir(out_dir, split), memo, threads,
+                                device)] = split.fold
+        for future in as_completed(futures):
+            try:
+                future.result()
+            except Exception as exc:  # noqa: BLE001 - reported after every fold has had its chance
+                errors.append((futures[future], exc))
+            bar.update(1)
+    bar.close()
+    if errors:
+        fold, exc = min(errors, key=lambda e: e[0])
+        raise exc if isinstance(exc, BreastFusionError) else BreastFusionError(
+            f"fold {fold} failed in its worker process: {type(exc).__name__}: {exc}") from exc
+
+
+def _fold_job(data: CVData, split: FoldSplit, cfg: RunConfig, fold_dir: Path, memo: BranchMemo | None,
+              threads: int, device: str) -> None:
+    torch.set_num_threads(threads)
+    run_fold(data, split, cfg, fold_dir, progress=False, memo=memo, device=torch.device(device))
+
+
 def run_fold(data: CVData, split: FoldSplit, cfg: RunConfig, fold_dir: Path, progress: bool = True,
-             memo: BranchMemo | None = None) -> pd.DataFrame:
+             memo: BranchMemo | None = None, device: torch.device | None = None,
+             dist: Distributed | None = None) -> pd.DataFrame:
+    """Train one fold (branches first for the paper's fusion), predict its test split and
+    validation fold, and write the fold's files (main rank only when distributed)."""
     seed = fold_seed(cfg, split.fold)
-    device = pick_device(cfg.train.device)
+    dist = dist if dist is not None else Distributed.single(device or cfg.train.device)
+    device = dist.device if dist.enabled else device if device is not None else pick_device(cfg.train.device)
     by_case: dict[str, list[Instance]] = {}
     for inst in data.instances:
         by_case.setdefault(inst.case_id, []).append(inst)
@@ -164,8 +242,9 @@ def run_fold(data: CVData, split: FoldSplit, cfg: RunConfig, fold_dir: Path, pro
         return [i for cid in ids for i in by_case.get(cid, [])]
 
     train, test, val = part(split.train), part(split.test), part(split.val)
-    fold_dir.mkdir(parents=True, exist_ok=True)  # holds checkpoints while the fold trains
-    trainer = _Trainer(cfg, data, seed, device, progress, memo)
+    if dist.is_main:
+        fold_dir.mkdir(parents=True, exist_ok=True)  # holds checkpoints while the fold trains
+    trainer = _Trainer(cfg, data, seed, device, progress and dist.is_main, memo, dist)
     pretrained = {}
     if cfg.model.multimodal and cfg.model.fusion_init == "branches" and cfg.model.head == "paper":
         # The paper's fusion: single-modality networks trained first (same fold, same
@@ -178,8 +257,10 @@ def run_fold(data: CVData, split: FoldSplit, cfg: RunConfig, fold_dir: Path, pro
             pretrained[modality] = model
     model, result = trainer.train(cfg.model, train, test, desc=f"{cfg.name} fold {split.fold}",
                                   branches=pretrained, checkpoint=fold_dir / "checkpoint.pt")
-    rows = _prediction_table(model, trainer.loader(val, False), val, split.fold, device)
-    test_rows = _prediction_table(model, trainer.loader(test, False), test, split.fold, device)
+    rows = trainer.prediction_table(model, val, split.fold)
+    test_rows = trainer.prediction_table(model, test, split.fold)
+    if not dist.is_main:
+        return rows
     info = {"fold": split.fold, "seed": seed, "best_epoch": result.best_epoch,
             "best_test_score": result.best_score, "select_by": cfg.train.select_by,
             "n_cases": {"train": len(split.train), "test": len(split.test), "val": len(split.val)},
@@ -198,9 +279,8 @@ def run_fold(data: CVData, split: FoldSplit, cfg: RunConfig, fold_dir: Path, pro
 MODEL_FILE = "model.safetensors"
 
 
-def _prediction_table(model, loader: DataLoader, items: list[Instance], fold: int, device) -> pd.DataFrame:
+def _prediction_table(logits: np.ndarray, index: np.ndarray, items: list[Instance], fold: int) -> pd.DataFrame:
     """One row per instance: ids, label, softmax probabilities and the logits behind them."""
-    logits, index = predict_logits(model, loader, device)
     table = pd.DataFrame({
         "fold": fold,
         "instance_id": [items[i].instance_id for i in index],
@@ -212,6 +292,9 @@ def _prediction_table(model, loader: DataLoader, items: list[Instance], fold: in
     table[LOGIT_COLUMNS] = logits
     return table
 
+
+# Training settings that change no number (the memo key leaves them out).
+NUMBER_NEUTRAL = ("checkpoint_seconds", "num_workers")
 
 # Fields that only shape the fusion of two modalities: a single-modality network does not
 # depend on them, so they are reset to their defaults in its config.
@@ -258,7 +341,7 @@ class BranchMemo:
 
     def key(self, cfg: RunConfig, model_cfg: ModelConfig, seed: int, train: list[Instance],
             test: list[Instance]) -> str:
-        train_cfg = {k: v for k, v in to_dict(cfg.train).items() if k != "checkpoint_seconds"}  # changes no number
+        train_cfg = {k: v for k, v in to_dict(cfg.train).items() if k not in NUMBER_NEUTRAL}
         payload = {"model": to_dict(model_cfg), "train": train_cfg, "preprocess": to_dict(cfg.preprocess),
                    "seed": seed, "train_ids": [i.instance_id for i in train],
                    "test_ids": [i.instance_id for i in test]}
@@ -276,6 +359,7 @@ class BranchMemo:
             return None
 
     def save(self, key: str, model: torch.nn.Module, result: FitResult) -> None:
+        """Store a trained network (call on the main rank only)."""
         self.root.mkdir(parents=True, exist_ok=True)
         save_weights(model, self.root / f"{key}.safetensors")
         write_text(self.root / f"{key}.json", json.dumps(dataclasses.asdict(result)))  # written last: marks done
@@ -285,8 +369,9 @@ class _Trainer:
     """Builds models and loaders for one fold, in fine-tune or cached-feature mode."""
 
     def __init__(self, cfg: RunConfig, data: CVData, seed: int, device: torch.device, progress: bool,
-                 memo: BranchMemo | None = None):
+                 memo: BranchMemo | None = None, dist: Distributed | None = None):
         self.cfg, self.seed, self.device, self.progress, self.memo = cfg, seed, device, progress, memo
+        self.dist = dist if dist is not None else Distributed.single(device)
         self.features, self.source = data.features, data.source
         self.augment = Augment(cfg.train.hflip_p, cfg.train.rotation_deg)
 
@@ -299,8 +384,18 @@ class _Trainer:
         if train:
             gen = torch.Generator().manual_seed(self.seed)
             return DataLoader(data, batch_size=t.batch_size, shuffle=True, generator=gen,
-                              num_workers=t.num_workers, drop_last=len(items) > t.batch_size)
-        return DataLoader(data, batch_size=t.batch_size * 2, num_workers=t.num_workers)
+                              num_workers=t.num_workers, drop_last=len(items) > t.batch_size,
+                              **loader_kwargs(self.device))
+        return DataLoader(data, batch_size=t.batch_size * 2, num_workers=t.num_workers,
+                          **loader_kwargs(self.device))
+
+    def prediction_table(self, model: torch.nn.Module, items: list[Instance], fold: int) -> pd.DataFrame:
+        """`items` predicted as training evaluated them (same precision and layout; sharded
+        over the ranks when distributed)."""
+        t = self.cfg.train
+        logits, index = predict_logits(model, self.loader(items, False), self.device, precision=t.precision,
+                                       channels_last=t.channels_last, dist=self.dist)
+        return _prediction_table(logits, index, items, fold)
 
     def build(self, model_cfg: ModelConfig) -> torch.nn.Module:
         torch.manual_seed(self.seed)
@@ -315,15 +410,19 @@ class _Trainer:
         if self.memo is not None and not model_cfg.multimodal:
             canonical = single_modality(model_cfg, model_cfg.modality_set[0])
             key = self.memo.key(self.cfg, canonical, self.seed, train, test)
-            result = self.memo.load(key, model)
-            if result is not None:
+            result = self.memo.load(key, model) if self.dist.is_main else None
+            if self.dist.broadcast_object(result is not None):  # the main rank decides for all
+                result = result or self.memo.load(key, model)
+                if result is None:
+                    raise BreastFusionError(f"shared branch {key} is readable by the main rank only: "
+                                            "put the run folder on a file system every node shares")
                 return model.to(self.device), result
         for modality, source in (branches or {}).items():
             transfer_branch(source, model, modality, freeze=model_cfg.freeze_branches)
         model = model.to(self.device)
         result = fit(model, self.loader(train, True), self.loader(test, False), self.cfg.train,
                      model_cfg.arcface_loss_weight, self.device, progress=self.progress, desc=desc,
-                     checkpoint=checkpoint)
-        if key is not None:
+                     checkpoint=checkpoint, dist=self.dist)
+        if key is not None and self.dist.is_main:
             self.memo.save(key, model, result)
         return model, result

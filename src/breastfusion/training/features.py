@@ -38,6 +38,7 @@ from ..preprocess.pipeline import PreprocessCache
 from ..records import ImageRecord
 from .augment import Augment
 from .data import item_rng
+from .device import memory_format, to_device
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +54,10 @@ def weights_id(cfg: BackboneConfig) -> str:
 
 class FeatureStore:
     def __init__(self, cache_dir: str | os.PathLike, backbone_cfg: BackboneConfig, source: PreprocessCache,
-                 augment: Augment, copies: int, seed: int = 0):
+                 augment: Augment, copies: int, seed: int = 0, channels_last: bool = False):
         self.backbone_cfg, self.source, self.augment, self.copies, self.seed = (
             backbone_cfg, source, augment, copies, seed)
+        self.channels_last = channels_last
         self.failed: dict[str, str] = {}  # path -> why preprocessing refused it
         self.key = {
             "backbone": backbone_cfg.name,
@@ -66,6 +68,8 @@ class FeatureStore:
             "seed": seed,
             "format": 1,
         }
+        if channels_last:  # another float summation order: other (equally valid) features
+            self.key["layout"] = "channels_last"
         spec_hash = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:16]
         self.dir = Path(cache_dir) / "features" / spec_hash
         self.computed = 0  # images whose features this store computed (not read from disk)
@@ -118,6 +122,10 @@ class FeatureStore:
     def _compute(self, records: list[ImageRecord], backbone: Backbone, batch_size, device, progress) -> None:
         """Streams the images through the backbone a batch at a time (never the whole set in memory)."""
         backbone = backbone.to(device).eval()
+        with memory_format(backbone, self.channels_last) as cl:
+            self._compute_batches(records, backbone, batch_size, device, progress, cl)
+
+    def _compute_batches(self, records, backbone, batch_size, device, progress, channels_last) -> None:
         per_batch = max(1, batch_size // (1 + self.copies))
         bar = tqdm(total=len(records), desc=f"features {self.backbone_cfg.name}", unit="img",
                    disable=not progress, leave=False)
@@ -134,7 +142,8 @@ class FeatureStore:
                     images.append(self.augment(plain, rng) if copy else plain)
                 owners.append(rec)
             if images:
-                feats = backbone(torch.stack(images).to(device)).float().cpu().numpy()
+                batch = to_device({"images": torch.stack(images)}, torch.device(device), channels_last)["images"]
+                feats = backbone(batch).float().cpu().numpy()
                 for i, rec in enumerate(owners):
                     save_npy(self._file(rec), feats[i * (1 + self.copies):(i + 1) * (1 + self.copies)])
                     self.computed += 1

@@ -1,7 +1,8 @@
 """The training loop: weighted cross-entropy (+ ArcFace loss), SGD, best epoch on the TEST split.
 
 The validation fold is never looked at here: model selection uses the test
-split only (method.md, evaluation protocol).
+split only (method.md, evaluation protocol). Device, precision and memory layout
+are in `device.py`; training over several processes (DDP) in `distributed.py`.
 """
 
 from __future__ import annotations
@@ -25,14 +26,11 @@ from ..evaluation.metrics import macro_auc
 from ..files import atomic_path
 from ..models.network import NetOutput
 from ..vocab import N_CLASSES
+from .device import autocast, maybe_compile, memory_format, to_device
+from .device import pick_device as pick_device  # re-exported: other modules import it from here
+from .distributed import Distributed, distributed_eval_loader, distributed_loader, is_sharded, replicate
 
 log = logging.getLogger(__name__)
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def class_weights(labels: np.ndarray | list[int]) -> torch.Tensor:
@@ -45,10 +43,34 @@ def class_weights(labels: np.ndarray | list[int]) -> torch.Tensor:
 
 
 def loss_of(out: NetOutput, target: torch.Tensor, weight: torch.Tensor, arcface_weight: float) -> torch.Tensor:
-    loss = F.cross_entropy(out.logits, target, weight=weight)
+    """Class-weighted cross-entropy of the logits plus `arcface_weight` times that of each ArcFace
+    head, in fp32 whatever precision the forward pass ran at."""
+    loss = F.cross_entropy(out.logits.float(), target, weight=weight)
     for arc in out.arc_logits.values():
-        loss = loss + arcface_weight * F.cross_entropy(arc, target, weight=weight)
+        loss = loss + arcface_weight * F.cross_entropy(arc.float(), target, weight=weight)
     return loss
+
+
+def global_loss_of(out: NetOutput, target: torch.Tensor, weight: torch.Tensor, arcface_weight: float,
+                   sample_weight: torch.Tensor, dist: Distributed) -> tuple[torch.Tensor, torch.Tensor]:
+    """(this rank's loss, the global batch size) in distributed training, such that DDP's
+    gradient (the mean of the ranks' gradients) is that of `loss_of` over the global batch.
+
+    `loss_of` is sum_i w_i l_i / sum_i w_i over the batch (w_i: the class weight of sample i;
+    likewise for each ArcFace term). A rank holds a slice of the batch: it sums w_i l_i over its
+    samples (padding has sample_weight 0), divides by sum_i w_i all-reduced over the ranks (a
+    constant, as the weights are in `loss_of`) and multiplies by the world size, which DDP's
+    averaging divides out. The mean over ranks of these losses is the global batch's loss."""
+    w = weight[target] * sample_weight
+    sums = dist.all_reduce_sum(torch.stack([w.sum(), sample_weight.sum()]).detach())
+
+    def part(logits: torch.Tensor) -> torch.Tensor:
+        return (F.cross_entropy(logits.float(), target, reduction="none") * w).sum()
+
+    loss = part(out.logits)
+    for arc in out.arc_logits.values():
+        loss = loss + arcface_weight * part(arc)
+    return loss * (dist.world / sums[0]), sums[1]
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -58,19 +80,30 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
 @torch.no_grad()
-def predict_logits(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """(logits (N, 3), dataset indices (N,)) in eval mode, no margin."""
+def predict_logits(model: nn.Module, loader: DataLoader, device: torch.device, precision: str = "fp32",
+                   channels_last: bool = False, dist: Distributed | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(logits (N, 3) float32, dataset indices (N,)) in eval mode, no margin.
+
+    `precision` and `channels_last` as in TrainConfig (the default: plain fp32, the model's own
+    layout). With an enabled `dist`, every rank predicts its share of the loader's items and
+    gets all predictions, in the loader's order (call it on every rank)."""
+    sharded = dist is not None and dist.enabled
+    if sharded and not is_sharded(loader):
+        loader = distributed_eval_loader(loader, dist)
     model.eval()
     logits, index = [], []
-    for batch in loader:
-        batch = _to(batch, device)
-        logits.append(model(batch).logits.float().cpu().numpy())
-        index.append(batch["index"].cpu().numpy())
+    with memory_format(model, channels_last) as cl:
+        for batch in loader:
+            batch = to_device(batch, device, cl)
+            with autocast(device, precision):
+                out = model(batch).logits
+            logits.append(out.float().cpu().numpy())
+            index.append(batch["index"].cpu().numpy())
+    if sharded:
+        parts = dist.all_gather_object((logits, index))
+        logits = [x for part, _ in parts for x in part]
+        index = [x for _, part in parts for x in part]
     if not logits:
         return np.zeros((0, N_CLASSES), dtype=np.float32), np.zeros(0, dtype=int)
     return np.concatenate(logits), np.concatenate(index)
@@ -81,9 +114,11 @@ def probabilities(logits: np.ndarray) -> np.ndarray:
     return torch.softmax(torch.from_numpy(np.asarray(logits, dtype=np.float32)), dim=-1).numpy()
 
 
-def predict_proba(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """(probabilities (N, 3), dataset indices (N,)) in eval mode, no margin."""
-    logits, index = predict_logits(model, loader, device)
+def predict_proba(model: nn.Module, loader: DataLoader, device: torch.device, **options
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities (N, 3), dataset indices (N,)) in eval mode, no margin; `options` as in
+    `predict_logits`."""
+    logits, index = predict_logits(model, loader, device, **options)
     return probabilities(logits), index
 
 
@@ -96,27 +131,39 @@ class FitResult:
 
 
 def _save_checkpoint(path: Path, epoch: int, model: nn.Module, optimizer, best_state, best: FitResult,
-                     generator: torch.Generator | None) -> None:
+                     generator: torch.Generator | None, rng_by_rank: list[torch.Tensor] | None = None) -> None:
     state = {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "best_state": best_state, "best_epoch": best.best_epoch, "best_score": best.best_score,
              "history": best.history, "torch_rng": torch.get_rng_state(),
              "loader_rng": generator.get_state() if generator is not None else None}
+    if rng_by_rank is not None:  # distributed: every rank's own generator
+        state["torch_rng_by_rank"] = rng_by_rank
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
-def _load_checkpoint(path: Path, model: nn.Module, optimizer, generator: torch.Generator | None):
-    """Restore a checkpoint (weights_only: no code runs); None when absent or unusable."""
+def _read_checkpoint(path: Path) -> dict | None:
+    """A checkpoint's contents (weights_only: no code runs); None when absent or unreadable."""
     if not path.is_file():
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - a corrupt checkpoint means: start this training again
         log.warning("%s: unusable checkpoint (%s); training from the start", path.name, exc)
         return None
-    torch.set_rng_state(state["torch_rng"])
+
+
+def _restore_checkpoint(state: dict, name: str, model: nn.Module, optimizer, generator: torch.Generator | None,
+                        rank: int = 0):
+    """Put a checkpoint's training state back; None when it does not fit this training."""
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    except Exception as exc:  # noqa: BLE001 - a checkpoint that does not fit means: start again
+        log.warning("%s: unusable checkpoint (%s); training from the start", name, exc)
+        return None
+    by_rank = state.get("torch_rng_by_rank")
+    torch.set_rng_state(by_rank[rank] if by_rank is not None and rank < len(by_rank) else state["torch_rng"])
     if generator is not None and state["loader_rng"] is not None:
         generator.set_state(state["loader_rng"])
     best = FitResult(state["best_epoch"], state["best_score"], list(state["history"]))
@@ -125,60 +172,96 @@ def _load_checkpoint(path: Path, model: nn.Module, optimizer, generator: torch.G
 
 def fit(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader, cfg: TrainConfig,
         arcface_weight: float, device: torch.device, progress: bool = True, desc: str = "train",
-        checkpoint: Path | None = None) -> FitResult:
+        checkpoint: Path | None = None, dist: Distributed | None = None) -> FitResult:
     """Train `model` in place; on return it holds the weights of the best epoch on the test split.
 
     With `checkpoint`, the whole training state is saved there at the end of an epoch (every
     `cfg.checkpoint_seconds`) and a training that finds one continues after its epoch, with the
-    same result as if it had never stopped; the file is removed when training ends."""
+    same result as if it had never stopped; the file is removed when training ends.
+
+    `cfg.precision`, `cfg.channels_last` and `cfg.compile` choose how the network computes
+    (device.py). With an enabled `dist` (call on every rank; the model on `dist.device`): the
+    model is trained in DistributedDataParallel on each rank's share of every batch of
+    `train_loader` (a single-process loader: same batches, same loss, same selection as one
+    process, see distributed.py), the test split is predicted in shards, only the main rank
+    writes the checkpoint (all read it), and every rank returns with the same best weights."""
+    dist = dist if dist is not None else Distributed.single(device)
+    if dist.enabled:
+        device = dist.device  # this rank's GPU (cuda:LOCAL_RANK), whatever "cuda" the caller named
     train_set = train_loader.dataset
     labels = [inst.label.index for inst in train_set.instances]
     weight = class_weights(labels).to(device)
     test_labels = np.array([inst.label.index for inst in test_loader.dataset.instances])
-    optimizer = make_optimizer(model, cfg)
-    best_state, best = None, FitResult(best_epoch=-1, best_score=-math.inf)
     generator = getattr(train_loader, "generator", None)
-    start = 0
-    if checkpoint is not None:
-        restored = _load_checkpoint(checkpoint, model, optimizer, generator)
-        if restored is not None:
-            last, best_state, best = restored
-            best.resumed_after_epoch = last
-            start = last + 1
-    saved_at = time.monotonic()
-    bar = tqdm(range(start, cfg.epochs), desc=desc, unit="epoch", disable=not progress, leave=False,
-               initial=start, total=cfg.epochs)
-    for epoch in bar:
-        train_set.set_epoch(epoch)
-        model.train()
-        total, seen = 0.0, 0
-        for batch in train_loader:
-            batch = _to(batch, device)
-            target = batch["label"]
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_of(model(batch, target), target, weight, arcface_weight)
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(target)
-            seen += len(target)
-        probs, index = predict_proba(model, test_loader, device)
-        y = test_labels[index]
-        test_loss = float(F.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-12)),
-                                     torch.from_numpy(y), weight=weight.cpu()))
-        auc = macro_auc(y, probs)
-        score = -test_loss if cfg.select_by == "loss" or math.isnan(auc) else auc
-        best.history.append({"epoch": epoch, "train_loss": total / max(seen, 1),
-                             "test_loss": test_loss, "test_auc": auc})
-        if score > best.best_score:
-            best.best_epoch, best.best_score = epoch, score
-            best_state = copy.deepcopy(model.state_dict())
-        bar.set_postfix(loss=f"{total / max(seen, 1):.3f}", test_auc=f"{auc:.3f}")
-        if checkpoint is not None and epoch + 1 < cfg.epochs \
-                and time.monotonic() - saved_at >= cfg.checkpoint_seconds:
-            _save_checkpoint(checkpoint, epoch, model, optimizer, best_state, best, generator)
+    if dist.enabled and not is_sharded(train_loader):
+        train_loader = distributed_loader(train_loader, dist)
+    if dist.enabled and not is_sharded(test_loader):
+        test_loader = distributed_eval_loader(test_loader, dist)
+    best_state, best = None, FitResult(best_epoch=-1, best_score=-math.inf)
+    with memory_format(model, cfg.channels_last) as channels_last:
+        optimizer = make_optimizer(model, cfg)
+        start = 0
+        if checkpoint is not None:
+            state = dist.broadcast_object(_read_checkpoint(checkpoint) if dist.is_main else None)
+            restored = None if state is None else \
+                _restore_checkpoint(state, checkpoint.name, model, optimizer, generator, dist.rank)
+            if restored is not None:
+                last, best_state, best = restored
+                best.resumed_after_epoch = last
+                start = last + 1
+        with replicate(model, dist) as trained:
+            forward = maybe_compile(trained, cfg.compile)
             saved_at = time.monotonic()
-    bar.close()
-    if checkpoint is not None and checkpoint.is_file():
+            bar = tqdm(range(start, cfg.epochs), desc=desc, unit="epoch", disable=not (progress and dist.is_main),
+                       leave=False, initial=start, total=cfg.epochs)
+            for epoch in bar:
+                train_set.set_epoch(epoch)
+                trained.train()
+                # float64, as Python floats were summed before: the history's numbers are unchanged,
+                # and no .item() per step waits for a GPU
+                total = torch.zeros((), dtype=torch.float64, device=device)
+                seen = torch.zeros((), dtype=torch.float64, device=device)
+                for batch in train_loader:
+                    batch = to_device(batch, device, channels_last)
+                    target = batch["label"]
+                    optimizer.zero_grad(set_to_none=True)
+                    with autocast(device, cfg.precision):
+                        out = forward(batch, target)
+                    if dist.enabled:  # the global batch's loss is the mean of the ranks' losses
+                        loss, n = global_loss_of(out, target, weight, arcface_weight, batch["sample_weight"], dist)
+                        total += loss.detach().double() * n.double() / dist.world
+                    else:
+                        loss, n = loss_of(out, target, weight, arcface_weight), len(target)
+                        total += loss.detach().double() * n
+                    loss.backward()
+                    optimizer.step()
+                    seen += n
+                train_loss = dist.all_reduce_sum(total).item() / max(seen.item(), 1)
+                probs, index = predict_proba(model, test_loader, device, precision=cfg.precision,
+                                             channels_last=channels_last, dist=dist)
+                y = test_labels[index]
+                test_loss = float(F.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-12)),
+                                             torch.from_numpy(y), weight=weight.cpu()))
+                auc = macro_auc(y, probs)
+                score = -test_loss if cfg.select_by == "loss" or math.isnan(auc) else auc
+                best.history.append({"epoch": epoch, "train_loss": train_loss, "test_loss": test_loss,
+                                     "test_auc": auc})
+                if score > best.best_score:
+                    best.best_epoch, best.best_score = epoch, score
+                    best_state = copy.deepcopy(model.state_dict())
+                bar.set_postfix(loss=f"{train_loss:.3f}", test_auc=f"{auc:.3f}")
+                if checkpoint is not None and epoch + 1 < cfg.epochs:
+                    # one clock decides, so that every rank checkpoints at the same epoch
+                    due = dist.broadcast_object(time.monotonic() - saved_at >= cfg.checkpoint_seconds)
+                    if due:
+                        rng_by_rank = dist.all_gather_object(torch.get_rng_state()) if dist.enabled else None
+                        if dist.is_main:
+                            _save_checkpoint(checkpoint, epoch, model, optimizer, best_state, best, generator,
+                                             rng_by_rank)
+                        dist.barrier()
+                        saved_at = time.monotonic()
+            bar.close()
+    if checkpoint is not None and dist.is_main and checkpoint.is_file():
         checkpoint.unlink()
     if best_state is not None:
         model.load_state_dict(best_state)
