@@ -14,8 +14,9 @@ synthetic cohort, on CPU in float32 (channels_last as configured).
   on a one-patient test split), instances/s;
 - bare backbone: the same model's two backbones, forward and backward on
   batches of exactly the training batches' shapes (B*4 MG views, B US images),
-  already in memory, same frozen stages, no head, loss = mean of the features,
-  no optimizer step: the limit the training loop is compared with;
+  already in memory, same frozen stages and memory layout (channels_last), no
+  head, loss = mean of the features, no optimizer step: the limit the training
+  loop is compared with;
 - cached mode: the same cohort and head on cached frozen features, seconds per
   epoch (train + test evaluation), features precomputed.
 """
@@ -30,6 +31,7 @@ from common import WORK, Clock, quiet_logs, record, synthetic_cohort, verdict
 
 from breastfusion.presets import cpu_reference, demo_rows
 from breastfusion.training.cv import _Trainer, prepare
+from breastfusion.training.device import memory_format, to_device
 from breastfusion.training.loop import fit, pick_device
 
 
@@ -81,15 +83,17 @@ def main() -> None:
     n_train = len(train) * args.epochs
 
     bare = copy.deepcopy(model).train()
-    batches = [(torch.rand(mg[0] * mg[1], *mg[2:]), torch.rand(us)) for _, mg, us in shapes]
     bare_s = 0.0
-    for epoch in range(args.epochs + 1):  # the first pass warms up, like fit's first epoch
-        with Clock() as clock:
-            for mg, us in batches:
-                loss = bare.mg_backbone(mg).mean() + bare.us_backbone(us).mean()
-                loss.backward()
-                bare.zero_grad(set_to_none=True)
-        bare_s += clock.seconds if epoch else 0.0
+    with memory_format(bare, cfg.train.channels_last) as cl:  # the layout fit trains in
+        batches = [to_device({"mg": torch.rand(mg[0] * mg[1], *mg[2:]), "us": torch.rand(us)}, device, cl)
+                   for _, mg, us in shapes]
+        for epoch in range(args.epochs + 1):  # the first pass warms up, like fit's first epoch
+            with Clock() as clock:
+                for b in batches:
+                    loss = bare.mg_backbone(b["mg"]).mean() + bare.us_backbone(b["us"]).mean()
+                    loss.backward()
+                    bare.zero_grad(set_to_none=True)
+            bare_s += clock.seconds if epoch else 0.0
 
     cached = config(args.size, args.batch, args.workers, "cached")
     cached.train.epochs = 20

@@ -32,13 +32,16 @@ def aggregate(instances: pd.DataFrame, method: str = "vote") -> pd.DataFrame:
     if method not in ("vote", "mean"):
         raise ValueError(f"aggregation {method!r} not in (vote, mean)")
     keys = [k for k in ("fold", "case_id") if k in instances.columns]
+    proba_all = instances[PROBA_COLUMNS].to_numpy(dtype=float)
+    labels = instances["label"].to_numpy()
+    groups = sorted(instances.groupby(keys, sort=False).indices.items(), key=lambda kv: kv[1][0])
     rows = []
-    for key, group in instances.groupby(keys, sort=False):
-        proba = group[PROBA_COLUMNS].to_numpy(dtype=float)
+    for key, positions in groups:  # in order of first appearance, as the instance table
+        proba = proba_all[positions]
         mean = proba.mean(axis=0)
         pred = vote(proba) if method == "vote" else int(np.argmax(mean))
         row = dict(zip(keys, key if isinstance(key, tuple) else (key,), strict=True))
-        row.update({"label": int(group["label"].iloc[0]), "pred": pred, "n_instances": len(group)})
+        row.update({"label": int(labels[positions[0]]), "pred": pred, "n_instances": len(positions)})
         row.update(dict(zip(PROBA_COLUMNS, mean, strict=True)))
         rows.append(row)
     return pd.DataFrame(rows)

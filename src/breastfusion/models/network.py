@@ -83,12 +83,18 @@ class FusionHead(nn.Module):
             self.classifier = mlp([emb, *cfg.head_dims, N_CLASSES], slope, drop, last_activation=False)
 
     def forward(self, mg_feat: torch.Tensor | None = None, mg_mask: torch.Tensor | None = None,
-                us_feat: torch.Tensor | None = None, target: torch.Tensor | None = None) -> NetOutput:
+                us_feat: torch.Tensor | None = None, target: torch.Tensor | None = None,
+                mg_branch: tuple[torch.Tensor, torch.Tensor] | None = None) -> NetOutput:
+        """`mg_branch`: the MG branch's (embedding, view weights), already computed (prediction
+        computes them once per patient and reuses them for each of its US images)."""
         out = NetOutput(logits=torch.empty(0))
         if self.mg is not None:
-            if mg_feat is None or mg_mask is None:
+            if mg_branch is not None:
+                out.embeddings[Modality.MG], out.view_weights = mg_branch
+            elif mg_feat is None or mg_mask is None:
                 raise ValueError("this model needs MG features and a view mask")
-            out.embeddings[Modality.MG], out.view_weights = self.mg(mg_feat, mg_mask)
+            else:
+                out.embeddings[Modality.MG], out.view_weights = self.mg(mg_feat, mg_mask)
         if self.us is not None:
             if us_feat is None:
                 raise ValueError("this model needs US features")

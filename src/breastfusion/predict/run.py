@@ -23,9 +23,11 @@ Output folder::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +43,7 @@ from ..evaluation.calibration import decide
 from ..explain.gradcam import explain_instance
 from ..files import atomic_path, safe_name, write_text
 from ..models.backbones import Backbone
+from ..models.network import FusionHead
 from ..preprocess.pipeline import PreprocessCache
 from ..records import ImageRecord, Manifest
 from ..training.cv import image_source, screen, without_failed
@@ -65,35 +68,58 @@ class FeatureBank:
     def encode(self, backbone: Backbone, records: list[ImageRecord]) -> None:
         todo = list({r.path: r for r in records if (id(backbone), r.path) not in self._store}.values())
         backbone.eval()
-        with torch.no_grad(), memory_format(backbone, self.channels_last) as cl:
-            for start in range(0, len(todo), self.batch_size):
-                chunk = todo[start:start + self.batch_size]
-                images = torch.stack([torch.from_numpy(self.source.get(r.path, r.modality, r.side))
-                                      for r in chunk])
-                batch = to_device({"images": images.unsqueeze(1)}, self.device, cl)["images"]
+        chunks = [todo[k:k + self.batch_size] for k in range(0, len(todo), self.batch_size)]
+        # the next chunk is read from the cache while the backbone works on this one
+        with torch.no_grad(), memory_format(backbone, self.channels_last) as cl, \
+                ThreadPoolExecutor(max_workers=1) as reader:
+            pending = reader.submit(self._images, chunks[0]) if chunks else None
+            for k, chunk in enumerate(chunks):
+                images = pending.result()
+                if k + 1 < len(chunks):
+                    pending = reader.submit(self._images, chunks[k + 1])
+                batch = to_device({"images": images}, self.device, cl)["images"]
                 with autocast(self.device, self.precision):
                     feats = backbone(batch).float().cpu()
                 for rec, feat in zip(chunk, feats, strict=True):
                     self._store[(id(backbone), rec.path)] = feat
 
+    def _images(self, records: list[ImageRecord]) -> torch.Tensor:
+        """(N, 1, S, S) preprocessed images from the cache."""
+        return torch.stack([torch.from_numpy(self.source.get(r.path, r.modality, r.side))
+                            for r in records]).unsqueeze(1)
+
     def get(self, backbone: Backbone, path: str) -> torch.Tensor:
         return self._store[(id(backbone), path)]
 
 
-def head_inputs(net, bank: FeatureBank, items: list[Instance]) -> dict[str, torch.Tensor]:
-    """The head's batch for these instances, gathered from the bank (zeros for missing views)."""
+def head_inputs(net, bank: FeatureBank, items: list[Instance], device: torch.device) -> dict:
+    """The head's inputs for these instances, gathered from the bank (zeros for missing views).
+
+    With the paper's head, the MG branch (view MLP, view attention, embedding) runs once per
+    patient, on its MG views, and its result is reused for each of the patient's instances
+    ("mg_branch"); the plain head gets per-instance MG features."""
     out: dict[str, torch.Tensor] = {}
     mods = net.head.modalities
     if Modality.MG in mods:
         bb = net.backbone(Modality.MG)
         dim = bb.out_dim
-        out["mg_mask"] = torch.tensor([inst.mg_mask for inst in items], dtype=torch.bool)
-        out["mg_feat"] = torch.stack([
+        firsts: dict[str, int] = {}  # case -> its row among the distinct cases
+        for inst in items:
+            firsts.setdefault(inst.case_id, len(firsts))
+        per_case = list({inst.case_id: inst for inst in items}.values())
+        mask = torch.tensor([inst.mg_mask for inst in per_case], dtype=torch.bool, device=device)
+        feats = torch.stack([
             torch.stack([bank.get(bb, r.path) if r is not None else torch.zeros(dim) for r in inst.mg])
-            for inst in items])
+            for inst in per_case]).to(device)
+        rows = torch.tensor([firsts[inst.case_id] for inst in items], device=device)
+        if isinstance(net.head, FusionHead):
+            emb, weights = net.head.mg(feats, mask)
+            out["mg_branch"] = (emb[rows], weights[rows])
+        else:
+            out["mg_feat"], out["mg_mask"] = feats[rows], mask[rows]
     if Modality.US in mods:
         bb = net.backbone(Modality.US)
-        out["us_feat"] = torch.stack([bank.get(bb, inst.us.path) for inst in items])
+        out["us_feat"] = torch.stack([bank.get(bb, inst.us.path) for inst in items]).to(device)
     return out
 
 
@@ -103,14 +129,17 @@ def ensemble_logits(bundle: Bundle, items: list[Instance], source: PreprocessCac
     train = bundle.config.train
     bank = FeatureBank(source, device, precision=train.precision, channels_last=train.channels_last)
     out = []
-    for net in bundle.nets:
-        net.to(device).eval()
-        for m in net.head.modalities:
-            records = [r for inst in items for r in (inst.mg if m is Modality.MG else (inst.us,)) if r is not None]
-            bank.encode(net.backbone(m), records)
-        with torch.no_grad():
-            batch = {k: v.to(device) for k, v in head_inputs(net, bank, items).items()}
-            out.append(net.head(**batch).logits.float().cpu().numpy())
+    with contextlib.ExitStack() as layouts:  # every net in its layout once, not per backbone call
+        for net in bundle.nets:
+            net.to(device).eval()
+            layouts.enter_context(memory_format(net, train.channels_last))
+        for net in bundle.nets:
+            for m in net.head.modalities:
+                records = [r for inst in items for r in (inst.mg if m is Modality.MG else (inst.us,))
+                           if r is not None]
+                bank.encode(net.backbone(m), records)
+            with torch.no_grad():
+                out.append(net.head(**head_inputs(net, bank, items, device)).logits.float().cpu().numpy())
     return out
 
 

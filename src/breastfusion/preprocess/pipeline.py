@@ -204,6 +204,12 @@ class PreprocessCache:
         self.computed += 1
         return arr
 
+    def ensure(self, path: str | os.PathLike, modality: Modality | str, side: Side | str | None) -> None:
+        """Make sure the image is in the cache (computed once; InputImageError when refused)
+        without reading a result that is there already (`get` checks it when it is used)."""
+        if not self.file_for(path, modality, side).is_file():
+            self.get(path, modality, side)
+
     def _store(self, file: Path, arr: np.ndarray) -> None:
         if not self._key_written:
             write_text(self.dir / "key.json", json.dumps(self.preprocessor.key(), indent=1))

@@ -99,7 +99,7 @@ def screen(records: list[ImageRecord], source: PreprocessCache, progress: bool =
     failed = {}
     for rec in tqdm(records, desc="preprocess", unit="img", disable=not progress, leave=False):
         try:
-            source.get(rec.path, rec.modality, rec.side)
+            source.ensure(rec.path, rec.modality, rec.side)
         except InputImageError as exc:
             failed[rec.path] = str(exc)
     return failed
