@@ -78,8 +78,9 @@ def short(commit: str) -> str:
     return commit[:12] + ("+dirty" if commit.endswith("+dirty") else "")
 
 
-def record(name: str, figures: dict, markdown: str) -> Path:
-    """Save the figures as JSON and put `markdown` (this run's lines) into docs/performance.md."""
+def record(name: str, figures: dict, markdown: str, doc: Path = PERFORMANCE_MD) -> Path:
+    """Save the figures as JSON and put `markdown` (this run's lines) into `doc`
+    (docs/performance.md unless named), between this benchmark's markers."""
     meta = {"command": command(), "commit": git_commit(), "machine": machine(), "torch_threads": threads(),
             "when": now(), "versions": versions()}
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -88,16 +89,16 @@ def record(name: str, figures: dict, markdown: str) -> Path:
     section = (f"<!-- bench:{name} -->\n{markdown.rstrip()}\n\n"
                f"`{meta['command']}` at commit `{short(meta['commit'])}`, {meta['when']}, "
                f"{meta['machine']}, {meta['torch_threads']} torch threads.\n<!-- /bench:{name} -->")
-    text = PERFORMANCE_MD.read_text() if PERFORMANCE_MD.is_file() else "# Performance\n"
+    text = doc.read_text() if doc.is_file() else "# Performance\n"
     start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
     if start in text and end in text:
         head, rest = text.split(start, 1)
         text = head + section + rest.split(end, 1)[1]
     else:
         text = text.rstrip() + "\n\n" + section + "\n"
-    PERFORMANCE_MD.write_text(text)
+    doc.write_text(text)
     print(markdown)
-    print(f"figures: {out.relative_to(ROOT)}; section '{name}' of {PERFORMANCE_MD.relative_to(ROOT)}")
+    print(f"figures: {out.relative_to(ROOT)}; section '{name}' of {doc.relative_to(ROOT)}")
     return out
 
 

@@ -2,7 +2,9 @@
 
 Usage: python bench/scale.py [--base 50] [--size 128] [--folds 5] [--epochs 20]
 
-Each size runs in a fresh child process (so its peak RSS is its own) on a
+Each size runs `--repeats` times (interleaved with the other sizes; the best
+time and the highest peak memory are reported), each run in a fresh child
+process (so its peak RSS is its own) on a
 synthetic cohort generated beforehand (generation not timed), from an EMPTY
 cache: preprocessing, frozen EfficientNet-Lite0 features (1 augmented copy)
 and the full k-fold CV of the concat MM row (branches first, then fusion),
@@ -42,24 +44,31 @@ print(json.dumps({"seconds": time.perf_counter() - start,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--base", type=int, default=50, help="patients at 1x")
+    ap.add_argument("--base", type=int, default=100, help="patients at 1x")
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=2, help="runs per size (best time, highest memory)")
     args = ap.parse_args()
     figures = {}
-    for factor in (1, 2, 4):
-        n = args.base * factor
-        synthetic_cohort(n, image_size=args.size, us_per_patient=(1, 4), seed=11)
-        manifest = WORK / f"synth_{n}p_{args.size}px_us1-4_s11" / "manifest.csv"
-        out = WORK / f"scale_{n}p"
-        shutil.rmtree(out, ignore_errors=True)
-        done = subprocess.run([sys.executable, "-c", CHILD, str(manifest), str(out), str(args.size),
-                               str(args.folds), str(args.epochs)], capture_output=True, text=True)
-        if done.returncode:
-            raise SystemExit(f"the {factor}x run failed:\n{done.stderr[-3000:]}")
-        figures[f"{factor}x"] = {"patients": n, **json.loads(done.stdout.strip().splitlines()[-1])}
-        print(factor, figures[f"{factor}x"], flush=True)
+    runs: dict[int, list[dict]] = {1: [], 2: [], 4: []}
+    for rep in range(args.repeats):  # sizes interleaved: a drift in the machine's speed hits all alike
+        for factor in (1, 2, 4):
+            n = args.base * factor
+            synthetic_cohort(n, image_size=args.size, us_per_patient=(1, 4), seed=11)
+            manifest = WORK / f"synth_{n}p_{args.size}px_us1-4_s11" / "manifest.csv"
+            out = WORK / f"scale_{n}p"
+            shutil.rmtree(out, ignore_errors=True)  # an empty cache every time
+            done = subprocess.run([sys.executable, "-c", CHILD, str(manifest), str(out), str(args.size),
+                                   str(args.folds), str(args.epochs)], capture_output=True, text=True)
+            if done.returncode:
+                raise SystemExit(f"the {factor}x run failed:\n{done.stderr[-3000:]}")
+            runs[factor].append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(rep, factor, runs[factor][-1], flush=True)
+    for factor, results in runs.items():
+        figures[f"{factor}x"] = {"patients": args.base * factor, "images": results[0]["images"],
+                                 "seconds": min(r["seconds"] for r in results),
+                                 "peak_rss_mb": max(r["peak_rss_mb"] for r in results), "runs": results}
     base = figures["1x"]
     lines = ["| patients | images | CV wall s | time vs 1x | peak RSS MiB | RSS vs 1x |", "|---|---|---|---|---|---|"]
     for f in figures.values():
@@ -71,7 +80,7 @@ def main() -> None:
     lines += ["", f"Targets: 4x patients <= 4.4x time: {t:.2f}x, {verdict(t, 4.4, False)}; peak RSS growth < 20%: "
               f"{m:+.1%}, {verdict(m, 0.2, False)}."]
     record("scale", figures, f"### Scale ({args.size} px, concat MM cached mode, {args.folds}-fold CV, "
-           f"{args.epochs} epochs, empty cache each run)\n\n" + "\n".join(lines))
+           f"{args.epochs} epochs, empty cache each run, best of {args.repeats})\n\n" + "\n".join(lines))
 
 
 if __name__ == "__main__":
