@@ -156,3 +156,16 @@ def test_parallel_folds_give_the_results_of_sequential_folds(tmp_path, mode):
         p1 = (tmp_path / "one" / "rows" / "MM" / "folds" / f"fold_{fold}" / "predictions.csv").read_text()
         p2 = (tmp_path / "two" / "rows" / "MM" / "folds" / f"fold_{fold}" / "predictions.csv").read_text()
         assert p1.splitlines()[0] == p2.splitlines()[0] and len(p1.splitlines()) == len(p2.splitlines())
+
+
+def test_parallel_fold_workers_get_one_gpu_each_when_there_are_several(monkeypatch):
+    import torch
+
+    from breastfusion.training.cv import fold_devices
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert fold_devices(3) == ["cuda:0", "cuda:1", "cuda:0"]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert fold_devices(2) == ["cuda", "cuda"]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert fold_devices(2) == ["cpu", "cpu"]

@@ -187,26 +187,27 @@ def run_folds_parallel(data: CVData, splits: list[FoldSplit], cfg: RunConfig, ou
     """Independent folds as separate processes (`--jobs N`): at most `jobs` at a time, each
     with its share of the CPU threads and, when several GPUs are present, its own GPU.
 
-    A fold's result does not depend on which process ran it (its seed is the fold's, its
-    data the same `CVData`); a failed fold raises here after the others have finished, and
-    rerunning resumes as usual. `cfg.train.device` "auto" picks the job's device; an
-    explicit device is kept."""
+    Each worker process takes one device for its life (`fold_devices`), so two folds never
+    share a GPU while another idles. A fold's result does not depend on which process ran it
+    (its seed is the fold's, its data the same `CVData`); a failed fold raises here after the
+    others have finished, and rerunning resumes as usual. `cfg.train.device` "auto" uses the
+    worker's device; an explicit device is kept."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     jobs = min(jobs, len(splits))
     threads = max(1, torch.get_num_threads() // jobs)
-    devices = fold_devices(jobs)
     ctx = mp.get_context("spawn")  # never fork a process that holds torch threads
+    slots = ctx.Queue()
+    for device in fold_devices(jobs):
+        slots.put(device if cfg.train.device == "auto" else cfg.train.device)
     errors = []
     bar = tqdm(total=len(splits), desc=f"{cfg.name} folds ({jobs} jobs)", unit="fold", disable=not progress,
                leave=False)
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-        futures = {}
-        for k, split in enumerate(splits):
-            device = devices[k % jobs] if cfg.train.device == "auto" else cfg.train.device
-            futures[pool.submit(_fold_job, data, split, cfg, _fold_dir(out_dir, split), memo, threads,
-                                device)] = split.fold
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_fold_worker_init,
+                             initargs=(slots, threads)) as pool:
+        futures = {pool.submit(_fold_job, data, split, cfg, _fold_dir(out_dir, split), memo): split.fold
+                   for split in splits}
         for future in as_completed(futures):
             try:
                 future.result()
@@ -220,10 +221,17 @@ def run_folds_parallel(data: CVData, splits: list[FoldSplit], cfg: RunConfig, ou
             f"fold {fold} failed in its worker process: {type(exc).__name__}: {exc}") from exc
 
 
-def _fold_job(data: CVData, split: FoldSplit, cfg: RunConfig, fold_dir: Path, memo: BranchMemo | None,
-              threads: int, device: str) -> None:
+_WORKER_DEVICE: str | None = None  # the device of this fold worker process (run_folds_parallel)
+
+
+def _fold_worker_init(slots, threads: int) -> None:
+    global _WORKER_DEVICE
+    _WORKER_DEVICE = slots.get()
     torch.set_num_threads(threads)
-    run_fold(data, split, cfg, fold_dir, progress=False, memo=memo, device=torch.device(device))
+
+
+def _fold_job(data: CVData, split: FoldSplit, cfg: RunConfig, fold_dir: Path, memo: BranchMemo | None) -> None:
+    run_fold(data, split, cfg, fold_dir, progress=False, memo=memo, device=torch.device(_WORKER_DEVICE))
 
 
 def run_fold(data: CVData, split: FoldSplit, cfg: RunConfig, fold_dir: Path, progress: bool = True,
