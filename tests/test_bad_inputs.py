@@ -397,6 +397,20 @@ def _no_pixel_data(root: Path) -> str:
     return "header.dcm"
 
 
+def _unconvertible_modality(root: Path) -> str:
+    """A DICOM whose Modality element carries an invalid VR ('BS'), which pydicom cannot convert."""
+    path = mg_dicom(root / "bad-vr.dcm", ImageLaterality="L", ViewPosition="CC")
+    raw = path.read_bytes()
+    at = raw.index(b"\x08\x00\x60\x00CS")  # (0008,0060) Modality, explicit VR little endian
+    path.write_bytes(raw[:at + 4] + b"BS" + raw[at + 6:])
+    return "bad-vr.dcm"
+
+
+def _verify_unconvertible_modality(trial: Trial) -> None:
+    _, record = _ingested("BAD")(trial)
+    assert record.modality is Modality.MG  # the element reads as missing; the SOP class says MG
+
+
 def _multi_frame(root: Path) -> str:
     mg_dicom(root / "volume.dcm", grey16((3, 32, 32)), NumberOfFrames=3)
     return "volume.dcm"
@@ -552,6 +566,9 @@ INGEST = [
          "accepted: the format is read from the content, not the extension"),
     Case("dicom-without-pixel-data", "ingest", archive(_no_pixel_data),
          Skipped("DICOM without pixel data", read=True), "skipped: `DICOM without pixel data`"),
+    Case("unconvertible-modality-element", "ingest", archive(_unconvertible_modality),
+         Behaves(_verify_unconvertible_modality),
+         "accepted: an element pydicom cannot convert reads as missing (here Modality: MG from the SOP class)"),
     Case("multi-frame-dicom", "ingest", archive(_multi_frame), Skipped("multi-frame object (3 frames)", read=True),
          "skipped: `multi-frame object (3 frames): DBT volumes and cine loops are not used`"),
     Case("dbt-volume-sop-class", "ingest", archive(_dbt_volume),

@@ -162,12 +162,12 @@ def _describe(ds: Dataset) -> DicomInfo:
 
 
 def _modality(ds: Dataset) -> Modality | None:
-    code = _code(ds.get("Modality"))
+    code = _code(header_value(ds, "Modality"))
     if code == "MG" or _text(ds, "SOPClassUID") in SOP_MAMMOGRAPHY:
         return Modality.MG
     if code == "US":
         return Modality.US
-    if code in ("DX", "CR") and (_code(ds.get("BodyPartExamined")) == "BREAST" or _has_mg_view(ds)):
+    if code in ("DX", "CR") and (_code(header_value(ds, "BodyPartExamined")) == "BREAST" or _has_mg_view(ds)):
         return Modality.MG
     return None
 
@@ -185,7 +185,7 @@ def _has_mg_view(ds: Dataset) -> bool:
 
 
 def _side(ds: Dataset, flags: list[str]) -> Side | None:
-    found = {value for value in (_code(ds.get(k)) for k in ("ImageLaterality", "Laterality")) if value}
+    found = {value for value in (_code(header_value(ds, k)) for k in ("ImageLaterality", "Laterality")) if value}
     from_text = _sides_in_text(_normalised(_text(ds, k)) for k in TEXT_FIELDS)
     if found & {"B", "U"}:
         flags.append("laterality both or unpaired")
@@ -280,24 +280,24 @@ def _is_synthesized(ds: Dataset) -> bool:
 
 def _is_tomo_slice(ds: Dataset) -> bool:
     """ImageType or SeriesDescription of a tomosynthesis slice, slab or projection."""
-    if any(part.strip().upper() in TOMO_IMAGE_TYPES for part in _values(ds.get("ImageType"))):
+    if any(part.strip().upper() in TOMO_IMAGE_TYPES for part in _values(header_value(ds, "ImageType"))):
         return True
     return bool(_TOMO_WORD.search(_normalised(_text(ds, "SeriesDescription"))))
 
 
 def _reject_reason(ds: Dataset, info: DicomInfo) -> str | None:
     sop = _text(ds, "SOPClassUID")
-    frames = _int(ds.get("NumberOfFrames"), 1)
+    frames = _int(header_value(ds, "NumberOfFrames"), 1)
     if not any(key in ds for key in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         return "DICOM without pixel data"
     if sop in SOP_TOMOSYNTHESIS:
         return f"{SOP_TOMOSYNTHESIS[sop]}: DBT volumes and projections are not used"
     if frames > 1:
         return f"multi-frame object ({frames} frames): DBT volumes and cine loops are not used"
-    if _code(ds.get("PresentationIntentType")) == "FOR PROCESSING" or sop in SOP_FOR_PROCESSING:
+    if _code(header_value(ds, "PresentationIntentType")) == "FOR PROCESSING" or sop in SOP_FOR_PROCESSING:
         return "FOR PROCESSING image (raw detector data): only FOR PRESENTATION images are used"
     if info.modality is None:
-        return f"modality {_code(ds.get('Modality')) or 'missing'} is not MG, US or a breast DX/CR"
+        return f"modality {_code(header_value(ds, 'Modality')) or 'missing'} is not MG, US or a breast DX/CR"
     if not info.patient_id:
         return "no PatientID"
     if info.side is None:
@@ -322,9 +322,18 @@ def _values(value: object) -> list[str]:
         return [str(value)]
 
 
+def header_value(ds: Dataset, keyword: str) -> object:
+    """`ds.get(keyword)`, or None when pydicom cannot convert the element (an unknown VR, a
+    malformed value): a damaged element reads as missing, wherever the header is consulted."""
+    try:
+        return ds.get(keyword)
+    except Exception:  # noqa: BLE001 - pydicom raises NotImplementedError, ValueError, ... on conversion
+        return None
+
+
 def _text(ds: Dataset, keyword: str) -> str:
     try:
-        return " ".join(_values(ds.get(keyword))).strip()
+        return " ".join(_values(header_value(ds, keyword))).strip()
     except Exception:  # noqa: BLE001 - a malformed value reads as missing
         return ""
 
@@ -349,7 +358,7 @@ def _meaning(item: Dataset) -> str:
 
 def _first_item(ds: Dataset, keyword: str) -> Dataset | None:
     try:
-        seq = ds.get(keyword)
+        seq = header_value(ds, keyword)
         return seq[0] if seq else None
     except Exception:  # noqa: BLE001 - a malformed sequence reads as missing
         return None

@@ -83,7 +83,7 @@ from ..errors import BreastFusionError, InputImageError, ManifestError
 from ..files import atomic_path
 from ..records import ImageRecord, validate, write_manifest
 from ..vocab import Kind, Label, Modality, Side, View
-from .dicom import describe
+from .dicom import describe, header_value
 from .pixels import dataset_image, input_errors, load_dicom, quiet_pydicom, read_image, sniff
 
 PathLike = str | os.PathLike
@@ -209,7 +209,7 @@ def _ingest_dicom(path: Path, root: Path, seen_uids: dict[str, str]) -> tuple[Im
     info = describe(ds)
     if info.reject_reason:
         raise InputImageError(f"{path}: {info.reject_reason}")
-    uid = str(ds.get("SOPInstanceUID", "") or "")
+    uid = str(header_value(ds, "SOPInstanceUID") or "")
     if uid and uid in seen_uids:
         raise InputImageError(f"{path}: duplicate SOPInstanceUID (same image as {seen_uids[uid]})")
     dataset_image(ds, path)
