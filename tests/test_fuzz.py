@@ -361,13 +361,17 @@ def test_valid_image_files_are_read(workdir, data):
 # -- read_pixels / read_rgb: DICOM -------------------------------------------------------------
 
 
+def write_mutated_dicom(data, dicoms: dict[str, bytes], path: Path, head: int) -> Path:
+    """One of the base DICOM files with a few edits (favouring its first `head` bytes), written to `path`."""
+    name = data.draw(st.sampled_from(sorted(dicoms)), label="base")
+    path.write_bytes(data.draw(mutated(dicoms[name], head=head), label="bytes"))
+    return path
+
+
 @fuzz(1000)
 @given(data=st.data())
 def test_mutated_dicom_files(workdir, dicoms, data):
-    name = data.draw(st.sampled_from(sorted(dicoms)), label="base")
-    path = workdir / "mutated.dcm"
-    path.write_bytes(data.draw(mutated(dicoms[name], head=900), label="bytes"))
-    assert_readers(path)
+    assert_readers(write_mutated_dicom(data, dicoms, workdir / "mutated.dcm", head=900))
 
 
 US_MAX = 65535
@@ -465,8 +469,7 @@ def test_pydicom_warnings_and_log_lines_stay_inside(workdir, dicoms, compressed,
     if data.draw(st.booleans(), label="damaged codestream"):
         write_damaged_codestream(data, compressed, path)
     else:
-        name = data.draw(st.sampled_from(sorted(dicoms)), label="base")
-        path.write_bytes(data.draw(mutated(dicoms[name], head=900), label="bytes"))
+        write_mutated_dicom(data, dicoms, path, head=900)
     with no_pydicom_output():
         try:
             describe(load_dicom(path))
@@ -555,9 +558,7 @@ def test_describe_with_drawn_header(workdir, data):
 @fuzz(500)
 @given(data=st.data())
 def test_describe_mutated_dicom_files(workdir, dicoms, data):
-    name = data.draw(st.sampled_from(sorted(dicoms)), label="base")
-    path = workdir / "describe-mutated.dcm"
-    path.write_bytes(data.draw(mutated(dicoms[name], head=1200), label="bytes"))
+    path = write_mutated_dicom(data, dicoms, workdir / "describe-mutated.dcm", head=1200)
     try:
         ds = load_dicom(path)
     except BreastFusionError:
