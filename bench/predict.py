@@ -46,7 +46,7 @@ from breastfusion.predict.bundle import export_bundle, load_bundle
 from breastfusion.predict.run import predict
 from breastfusion.presets import cpu_reference, demo_rows
 from breastfusion.training.cv import image_source, screen
-from breastfusion.training.device import memory_format, to_device
+from breastfusion.training.device import memory_format, tensor_to
 from breastfusion.training.instances import build_instances
 from breastfusion.vocab import Modality
 
@@ -79,7 +79,7 @@ def raw_backbone_seconds(bundle, items, source) -> tuple[float, int]:
         images = torch.stack([torch.from_numpy(source.get(r.path, r.modality, r.side)) for r in recs.values()])
         bb.eval()
         with torch.no_grad(), memory_format(bb, layout) as cl:
-            images = to_device({"x": images.unsqueeze(1)}, torch.device("cpu"), cl)["x"]
+            images = tensor_to(images.unsqueeze(1), torch.device("cpu"), cl)
             with Clock() as clock:
                 for start in range(0, len(images), BATCH):
                     bb(images[start:start + BATCH])
@@ -109,7 +109,7 @@ def naive_seconds(bundle, items, source) -> tuple[float, np.ndarray]:
                     x = torch.stack([torch.from_numpy(source.get(r.path, r.modality, r.side)) if r is not None
                                      else torch.zeros(source.preprocessor.size, source.preprocessor.size)
                                      for r in chunk]).unsqueeze(1)
-                    feats.append(bb(to_device({"x": x}, torch.device("cpu"), cl)["x"]))
+                    feats.append(bb(tensor_to(x, torch.device("cpu"), cl)))
                 encoded[(id(bb), m)] = torch.cat(feats)
         logits = []
         for net in nets:

@@ -48,7 +48,7 @@ from ..preprocess.pipeline import PreprocessCache
 from ..records import ImageRecord, Manifest
 from ..training.cv import image_source, screen, without_failed
 from ..training.data import ImageInstances
-from ..training.device import autocast, memory_format, pick_device, to_device
+from ..training.device import autocast, memory_format, pick_device, tensor_to
 from ..training.instances import Instance, build_instances
 from ..vocab import CLASS_NAMES, Modality
 from .bundle import Bundle
@@ -77,7 +77,7 @@ class FeatureBank:
                 images = pending.result()
                 if k + 1 < len(chunks):
                     pending = reader.submit(self._images, chunks[k + 1])
-                batch = to_device({"images": images}, self.device, cl)["images"]
+                batch = tensor_to(images, self.device, cl)
                 with autocast(self.device, self.precision):
                     feats = backbone(batch).float().cpu()
                 for rec, feat in zip(chunk, feats, strict=True):
@@ -103,15 +103,15 @@ def head_inputs(net, bank: FeatureBank, items: list[Instance], device: torch.dev
     if Modality.MG in mods:
         bb = net.backbone(Modality.MG)
         dim = bb.out_dim
-        firsts: dict[str, int] = {}  # case -> its row among the distinct cases
+        per_case: dict[str, Instance] = {}  # each case's first instance (all carry its MG views)
         for inst in items:
-            firsts.setdefault(inst.case_id, len(firsts))
-        per_case = list({inst.case_id: inst for inst in items}.values())
-        mask = torch.tensor([inst.mg_mask for inst in per_case], dtype=torch.bool, device=device)
+            per_case.setdefault(inst.case_id, inst)
+        row_of = {case_id: k for k, case_id in enumerate(per_case)}
+        mask = torch.tensor([inst.mg_mask for inst in per_case.values()], dtype=torch.bool, device=device)
         feats = torch.stack([
             torch.stack([bank.get(bb, r.path) if r is not None else torch.zeros(dim) for r in inst.mg])
-            for inst in per_case]).to(device)
-        rows = torch.tensor([firsts[inst.case_id] for inst in items], device=device)
+            for inst in per_case.values()]).to(device)
+        rows = torch.tensor([row_of[inst.case_id] for inst in items], device=device)
         if isinstance(net.head, FusionHead):
             emb, weights = net.head.mg(feats, mask)
             out["mg_branch"] = (emb[rows], weights[rows])

@@ -90,18 +90,19 @@ def memory_format(model: nn.Module, channels_last: bool) -> Iterator[bool]:
             model.to(memory_format=torch.contiguous_format)
 
 
+def tensor_to(value: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
+    """One tensor on `device`; an asynchronous copy to a CUDA GPU (from pinned memory, see
+    `loader_kwargs`); a 4-D image tensor in channels-last layout when asked."""
+    value = value.to(device, non_blocking=device.type == "cuda")
+    if channels_last and value.dim() == 4:
+        value = value.contiguous(memory_format=torch.channels_last)
+    return value
+
+
 def to_device(batch: dict[str, torch.Tensor], device: torch.device,
               channels_last: bool = False) -> dict[str, torch.Tensor]:
-    """A batch on `device`; asynchronous copies to a CUDA GPU (from pinned memory, see
-    `loader_kwargs`); 4-D image tensors in channels-last layout when asked."""
-    non_blocking = device.type == "cuda"
-    out = {}
-    for key, value in batch.items():
-        value = value.to(device, non_blocking=non_blocking)
-        if channels_last and value.dim() == 4:
-            value = value.contiguous(memory_format=torch.channels_last)
-        out[key] = value
-    return out
+    """A batch (dict of tensors) on `device`, each tensor as `tensor_to` puts it."""
+    return {key: tensor_to(value, device, channels_last) for key, value in batch.items()}
 
 
 # ---------------------------------------------------------------- compilation

@@ -38,7 +38,7 @@ from ..preprocess.pipeline import PreprocessCache
 from ..records import ImageRecord
 from .augment import Augment
 from .data import item_rng
-from .device import memory_format, to_device
+from .device import memory_format, tensor_to
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ class FeatureStore:
                     images.append(self.augment(plain, rng) if copy else plain)
                 owners.append(rec)
             if images:
-                batch = to_device({"images": torch.stack(images)}, torch.device(device), channels_last)["images"]
+                batch = tensor_to(torch.stack(images), torch.device(device), channels_last)
                 feats = backbone(batch).float().cpu().numpy()
                 for i, rec in enumerate(owners):
                     save_npy(self._file(rec), feats[i * (1 + self.copies):(i + 1) * (1 + self.copies)])
