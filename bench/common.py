@@ -17,7 +17,10 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from breastfusion import allocator
 from breastfusion.provenance import git_commit, machine, now, versions
+
+allocator.reuse_freed_memory()  # as the command line does (breastfusion/allocator.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -82,13 +85,15 @@ def record(name: str, figures: dict, markdown: str, doc: Path = PERFORMANCE_MD) 
     """Save the figures as JSON and put `markdown` (this run's lines) into `doc`
     (docs/performance.md unless named), between this benchmark's markers."""
     meta = {"command": command(), "commit": git_commit(), "machine": machine(), "torch_threads": threads(),
-            "when": now(), "versions": versions()}
+            "when": now(), "versions": versions(),
+            "malloc_reuse": allocator.applied()}
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"{name}.json"
     out.write_text(json.dumps({"bench": name, **meta, "figures": figures}, indent=1))
     section = (f"<!-- bench:{name} -->\n{markdown.rstrip()}\n\n"
                f"`{meta['command']}` at commit `{short(meta['commit'])}`, {meta['when']}, "
-               f"{meta['machine']}, {meta['torch_threads']} torch threads.\n<!-- /bench:{name} -->")
+               f"{meta['machine']}, {meta['torch_threads']} torch threads"
+               f"{', malloc thresholds raised' if meta['malloc_reuse'] else ''}.\n<!-- /bench:{name} -->")
     text = doc.read_text() if doc.is_file() else "# Performance\n"
     start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
     if start in text and end in text:

@@ -205,3 +205,24 @@ def test_random_init_backbone_is_one_fixed_network_and_leaves_the_rng_alone():
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert ka == kb and torch.equal(va, vb)
     assert a.cam_layer is a.net.layer4 and not any(k.startswith("cam_layer") for k in a.state_dict())
+
+
+@pytest.mark.parametrize("kernel,stride,size", [(1, 1, 16), (3, 1, 16), (5, 1, 15), (3, 2, 16), (3, 2, 15),
+                                                (5, 2, 16), (5, 2, 17)])
+def test_same_padding_matches_tensorflow(kernel, stride, size):
+    """SameConv2d: output size ceil(n / stride), extra padding at the bottom/right (TensorFlow's
+    'SAME'), whether the convolution pads (symmetric case) or a padded copy does."""
+    import math
+
+    import torch.nn.functional as F
+
+    from breastfusion.models.efficientnet_lite import SameConv2d
+
+    torch.manual_seed(0)
+    conv = SameConv2d(4, 6, kernel, stride=stride, bias=False)
+    x = torch.rand(2, 4, size, size)
+    total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
+    expected = F.conv2d(F.pad(x, [total // 2, total - total // 2] * 2), conv.weight, None, stride)
+    out = conv(x)
+    assert out.shape[-1] == math.ceil(size / stride)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)

@@ -41,6 +41,9 @@ class _Group(click.Group):
 @click.version_option(package_name="breastfusion")
 def main(debug: bool) -> None:
     """Patient-level breast cancer triage from mammography and ultrasound."""
+    from .allocator import reuse_freed_memory
+
+    reuse_freed_memory()  # CPU training and inference run up to 2x faster (see allocator.py)
 
 
 @main.command()

@@ -50,6 +50,7 @@ from ..models.network import BreastFusionNet
 from ..models.weights import read_state_dict, save_weights
 from ..provenance import now
 from ..training.cv import MODEL_FILE
+from ..training.device import has_conv2d
 from ..vocab import CLASS_NAMES, Modality
 
 FORMAT = 1
@@ -223,6 +224,9 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
     nets = []
     for k in meta["folds"]:
         state = {**shared, **read_state_dict(root / "weights" / f"fold_{k}.safetensors")}
-        nets.append(trained_net(cfg, state, backbones_from_config=False, backbones=common))
+        net = trained_net(cfg, state, backbones_from_config=False, backbones=common).eval()
+        if cfg.train.channels_last and has_conv2d(net):  # the inference layout, once (not per call)
+            net.to(memory_format=torch.channels_last)
+        nets.append(net)
     return Bundle(root, cfg, meta, nets)
 

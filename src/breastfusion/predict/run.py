@@ -72,21 +72,23 @@ class FeatureBank:
         # the next chunk is read from the cache while the backbone works on this one
         with torch.no_grad(), memory_format(backbone, self.channels_last) as cl, \
                 ThreadPoolExecutor(max_workers=1) as reader:
-            pending = reader.submit(self._images, chunks[0]) if chunks else None
+            pending = reader.submit(self._images, chunks[0], cl) if chunks else None
             for k, chunk in enumerate(chunks):
                 images = pending.result()
                 if k + 1 < len(chunks):
-                    pending = reader.submit(self._images, chunks[k + 1])
+                    pending = reader.submit(self._images, chunks[k + 1], cl)
                 batch = tensor_to(images, self.device, cl)
                 with autocast(self.device, self.precision):
                     feats = backbone(batch).float().cpu()
                 for rec, feat in zip(chunk, feats, strict=True):
                     self._store[(id(backbone), rec.path)] = feat
 
-    def _images(self, records: list[ImageRecord]) -> torch.Tensor:
-        """(N, 1, S, S) preprocessed images from the cache."""
-        return torch.stack([torch.from_numpy(self.source.get(r.path, r.modality, r.side))
-                            for r in records]).unsqueeze(1)
+    def _images(self, records: list[ImageRecord], channels_last: bool) -> torch.Tensor:
+        """(N, 1, S, S) preprocessed images from the cache, in the layout the backbone takes
+        (for a CPU backbone, `tensor_to` then has nothing left to do in the main thread)."""
+        images = torch.stack([torch.from_numpy(self.source.get(r.path, r.modality, r.side))
+                              for r in records]).unsqueeze(1)
+        return images.contiguous(memory_format=torch.channels_last) if channels_last else images
 
     def get(self, backbone: Backbone, path: str) -> torch.Tensor:
         return self._store[(id(backbone), path)]
@@ -131,7 +133,9 @@ def ensemble_logits(bundle: Bundle, items: list[Instance], source: PreprocessCac
     out = []
     with contextlib.ExitStack() as layouts:  # every net in its layout once, not per backbone call
         for net in bundle.nets:
-            net.to(device).eval()
+            if any(p.device != device for p in net.parameters()):
+                net.to(device)
+            net.eval()
             layouts.enter_context(memory_format(net, train.channels_last))
         for net in bundle.nets:
             for m in net.head.modalities:

@@ -26,7 +26,9 @@ are atomic (temporary file + os.replace). Content hashes are memoised per
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import io
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -191,18 +193,43 @@ class PreprocessCache:
     def get(self, path: str | os.PathLike, modality: Modality | str, side: Side | str | None) -> np.ndarray:
         """The preprocessed image: read from the cache, or computed and stored once."""
         file = self.file_for(path, modality, side)
-        if file.is_file():
-            try:
-                arr = np.load(file)
-                if arr.shape == (self.preprocessor.size,) * 2:
-                    self.reused += 1
-                    return arr
-            except (OSError, ValueError):  # a damaged cache file is recomputed
-                pass
+        arr = self._read(file)
+        if arr is not None:
+            self.reused += 1
+            return arr
         arr = self.preprocessor.process(path, modality, side)
         self._store(file, arr)
         self.computed += 1
         return arr
+
+    def _read(self, file: Path) -> np.ndarray | None:
+        """A cached image, or None when it is missing or damaged (then it is recomputed).
+
+        Files this cache wrote start with one known .npy header (float32, size x size), so the
+        pixels are read straight into a new array; any other header goes through np.load."""
+        size = self.preprocessor.size
+        try:
+            with open(file, "rb") as fh:
+                if fh.read(len(self._header)) == self._header:
+                    arr = np.empty((size, size), np.float32)
+                    if fh.readinto(memoryview(arr).cast("B")) == arr.nbytes and not fh.read(1):
+                        return arr
+                    return None
+                fh.seek(0)
+                arr = np.load(fh)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):  # a damaged cache file is recomputed
+            return None
+        return arr if arr.shape == (size, size) and arr.dtype == np.float32 else None
+
+    @functools.cached_property
+    def _header(self) -> bytes:
+        """The .npy header `save_npy` writes for one preprocessed image."""
+        size = self.preprocessor.size
+        buf = io.BytesIO()
+        np.save(buf, np.zeros((size, size), np.float32))
+        return buf.getvalue()[:-size * size * 4]
 
     def ensure(self, path: str | os.PathLike, modality: Modality | str, side: Side | str | None) -> None:
         """Make sure the image is in the cache (computed once; InputImageError when refused)

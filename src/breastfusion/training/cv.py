@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from .. import allocator
 from ..config import ModelConfig, RunConfig, to_dict
 from ..errors import BreastFusionError, CohortError, InputImageError, WeightsError
 from ..evaluation.aggregate import LOGIT_COLUMNS, PROBA_COLUMNS
@@ -205,7 +206,7 @@ def run_folds_parallel(data: CVData, splits: list[FoldSplit], cfg: RunConfig, ou
     bar = tqdm(total=len(splits), desc=f"{cfg.name} folds ({jobs} jobs)", unit="fold", disable=not progress,
                leave=False)
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_fold_worker_init,
-                             initargs=(slots, threads)) as pool:
+                             initargs=(slots, threads, allocator.applied())) as pool:
         futures = {pool.submit(_fold_job, data, split, cfg, _fold_dir(out_dir, split), memo): split.fold
                    for split in splits}
         for future in as_completed(futures):
@@ -224,10 +225,12 @@ def run_folds_parallel(data: CVData, splits: list[FoldSplit], cfg: RunConfig, ou
 _WORKER_DEVICE: str | None = None  # the device of this fold worker process (run_folds_parallel)
 
 
-def _fold_worker_init(slots, threads: int) -> None:
+def _fold_worker_init(slots, threads: int, reuse_memory: bool) -> None:
     global _WORKER_DEVICE
     _WORKER_DEVICE = slots.get()
     torch.set_num_threads(threads)
+    if reuse_memory:  # as the parent process does (a spawned process starts with glibc's defaults)
+        allocator.reuse_freed_memory()
 
 
 def _fold_job(data: CVData, split: FoldSplit, cfg: RunConfig, fold_dir: Path, memo: BranchMemo | None) -> None:
