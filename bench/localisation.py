@@ -1,16 +1,21 @@
 """Grad-CAM localisation on the synthetic cohort, where the generator knows every lesion:
-a fine-tuned (or frozen) single-US model against its shuffled-weights copy and a centre prior.
+a fine-tuned (or frozen) single-US or single-MG model against its shuffled-weights copy and a
+centre prior.
 
 Usage: python bench/localisation.py [--size 224] [--patients 160] [--epochs 12] [--head plain]
-       [--mode finetune] [--grid-only]
+       [--mode finetune] [--modality US] [--views all]
 
 One fold of a 4-fold patient split is trained (EfficientNet-Lite0, ImageNet weights,
 stem frozen in fine-tune mode, AdamW lr 3e-4, batch 16) and every lesion image of
 its validation patients is explained for the "abnormal" target (gradcam.ABNORMAL),
-with the backbone's last convolutional block. Also reported: the grid ceiling, the
-hit rate of a map that peaks at the Grad-CAM cell nearest to the lesion's centre
-(Grad-CAM's maximum can only lie on a cell centre of the backbone's last grid, stride
-32: 4 x 4 cells at 128 px, 7 x 7 at 224 px). Writes a section of docs/results/explain.md.
+with the backbone's last convolutional block, drawn two ways: by the library's plain
+resize (the default) and with each cell at its receptive field's geometric centre
+(gradcam.receptive_field_centres, "RF centres"). Also reported: the grid ceiling, the
+hit rate of a map that peaks at the Grad-CAM cell nearest to the lesion's centre (a
+Grad-CAM maximum can only lie on a cell centre of the backbone's last grid, stride 32:
+4 x 4 cells at 128 px, 7 x 7 at 224 px), for both placements. MG (`--modality MG`):
+the single MG row on the four views or, `--views synthesized`, the two C-View ones.
+Writes a section of docs/results/explain.md.
 """
 
 from __future__ import annotations
@@ -23,28 +28,33 @@ import pandas as pd
 import yaml
 from common import ROOT, WORK, Clock, quiet_logs, record, synthetic_cohort
 
-from breastfusion.config import to_dict
+from breastfusion.config import BackboneConfig, to_dict
 from breastfusion.explain.folds import explain_row, shuffle_weights, synthetic_lesions
+from breastfusion.explain.gradcam import CellCentres, receptive_field_centres
 from breastfusion.explain.localisation import summarize
+from breastfusion.models.backbones import build_backbone
 from breastfusion.presets import cpu_reference, demo_rows
 from breastfusion.training.cv import prepare, run_fold
-from breastfusion.vocab import Modality
-
-STRIDE = 32  # the last block of every backbone here
+from breastfusion.vocab import MG_SLOTS, Kind, Modality
 
 
-def grid_ceiling(items) -> float:
-    """Share of lesions that contain the cell centre nearest to their own centre."""
+def grid_ceiling(items, centres) -> float:
+    """Share of lesions that contain the cell centre nearest to their own centre (a Grad-CAM
+    maximum can only lie on a cell centre: `centres`, gradcam.CellCentres)."""
     hits = []
     for e in items:
         rows, cols = np.nonzero(e.lesion)
-        cy, cx = rows.mean(), cols.mean()
+        r = int(round(centres.rows[np.argmin(abs(centres.rows - rows.mean()))]))
+        c = int(round(centres.cols[np.argmin(abs(centres.cols - cols.mean()))]))
         size = e.lesion.shape[0]
-        centres = (np.arange(size // STRIDE) + 0.5) * size / (size // STRIDE) - 0.5
-        r = int(round(centres[np.argmin(abs(centres - cy))]))
-        c = int(round(centres[np.argmin(abs(centres - cx))]))
-        hits.append(bool(e.lesion[min(r, size - 1), min(c, size - 1)]))
+        hits.append(bool(e.lesion[min(max(r, 0), size - 1), min(max(c, 0), size - 1)]))
     return float(np.mean(hits))
+
+
+def resize_centres(size: int, cells: int) -> CellCentres:
+    """Where the library's plain resize draws the cells."""
+    at = (np.arange(cells) + 0.5) * size / cells - 0.5
+    return CellCentres(at, at, (size, size))
 
 
 def main() -> None:
@@ -55,18 +65,26 @@ def main() -> None:
     ap.add_argument("--head", choices=["plain", "paper"], default="plain")
     ap.add_argument("--mode", choices=["finetune", "cached"], default="finetune")
     ap.add_argument("--seed", type=int, default=3)
+    ap.add_argument("--modality", choices=["US", "MG"], default="US")
+    ap.add_argument("--views", choices=["all", "synthesized"], default="all",
+                    help="MG: the four views, or the two synthesized (C-View) ones")
     args = ap.parse_args()
+    modality = Modality(args.modality)
     manifest = synthetic_cohort(args.patients, image_size=args.size, us_per_patient=(2, 3), seed=args.seed)
     root = WORK / f"synth_{args.patients}p_{args.size}px_us2-3_s{args.seed}"
     (row,) = [r for r in demo_rows(cpu_reference(image_size=args.size, epochs=args.epochs, copies=1))
-              if r.name == "single US"]
+              if r.name == f"single {args.modality}"]
     row.cv.folds, row.cv.test_folds = 4, 1
     row.train.mode, row.train.optimizer, row.train.lr, row.train.batch_size = args.mode, "adamw", 3e-4, 16
     if args.mode == "finetune":
         row.model.backbone.frozen = "stem"
     if args.head == "plain":
         row.model.head, row.model.arcface = "plain", False
-    name = f"localise_{args.mode}_{args.head}_{args.size}px_{args.patients}p_{args.epochs}e"
+    if modality is Modality.MG and args.views == "synthesized":
+        row.model.mg_slots = [s.name for s in MG_SLOTS if s.kind is Kind.SYNTHESIZED]
+    views = f"_{args.views}" if modality is Modality.MG else ""
+    prefix = f"MG{views}_" if modality is Modality.MG else ""  # US: the names of earlier runs
+    name = f"localise_{prefix}{args.mode}_{args.head}_{args.size}px_{args.patients}p_{args.epochs}e"
     row_dir = WORK / name / "row"
     row_dir.mkdir(parents=True, exist_ok=True)
     row.train.cache_dir = str(WORK / "cache")
@@ -79,21 +97,32 @@ def main() -> None:
     fit = json.loads((fold / "fit.json").read_text())
     lesions = synthetic_lesions(root / "lesions.csv")
     with Clock() as explain_clock:
-        trained = explain_row(row_dir, manifest, Modality.US, lesions, progress=False, target="abnormal")
-        shuffled = explain_row(row_dir, manifest, Modality.US, lesions, progress=False, target="abnormal",
+        trained = explain_row(row_dir, manifest, modality, lesions, progress=False, target="abnormal")
+        aligned = explain_row(row_dir, manifest, modality, lesions, progress=False, target="abnormal",
+                              align=True)
+        shuffled = explain_row(row_dir, manifest, modality, lesions, progress=False, target="abnormal",
                                perturb=shuffle_weights())
     t, s = summarize(e.score for e in trained)[-1], summarize(e.score for e in shuffled)[-1]
+    a = summarize(e.score for e in aligned)[-1]
+    backbone = build_backbone(BackboneConfig(name=row.model.backbone.name, weights="none"))
+    centres = receptive_field_centres(backbone, backbone.cam_layer, (args.size, args.size))
+    ceiling = grid_ceiling(trained, resize_centres(args.size, len(centres.rows)))
+    ceiling_aligned = grid_ceiling(trained, centres)
     val = pd.read_csv(fold / "predictions.csv")
     figures = {"config": to_dict(row), "best_epoch": fit["best_epoch"], "best_test_auc": fit["best_test_score"],
-               "validation_instances": len(val), "trained": t, "shuffled": s, "grid_ceiling": grid_ceiling(trained),
+               "validation_instances": len(val), "trained": t, "trained_receptive_field_centres": a,
+               "shuffled": s, "grid_ceiling": ceiling, "grid_ceiling_receptive_field_centres": ceiling_aligned,
                "train_s": train_clock.seconds, "explain_s": explain_clock.seconds}
-    line = (f"| {args.mode} | {args.head} | {args.size} | {args.patients} | {args.epochs} | "
-            f"{fit['best_test_score']:.2f} | {t['n']} | {t['gradcam_hit_rate']:.0%} | {s['gradcam_hit_rate']:.0%} | "
-            f"{t['prior_hit_rate']:.0%} | {figures['grid_ceiling']:.0%} | {t['gradcam_energy']:.1%} | "
-            f"{s['gradcam_energy']:.1%} | {t['lesion_fraction']:.1%} | {train_clock.seconds:.0f} |")
-    header = ("| mode | head | px | patients | epochs | test AUC (macro, best epoch) | lesion images | hit trained "
-              "| hit shuffled | hit centre prior | grid ceiling | energy trained | energy shuffled | lesion area "
-              "| train s |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    line = (f"| {args.modality}{views.replace('_', ' ')} | {args.mode} | {args.head} | {args.size} | "
+            f"{args.patients} | {args.epochs} | {fit['best_test_score']:.2f} | {t['n']} | "
+            f"{t['gradcam_hit_rate']:.0%} | {a['gradcam_hit_rate']:.0%} | {s['gradcam_hit_rate']:.0%} | "
+            f"{t['prior_hit_rate']:.0%} | {ceiling:.0%} / {ceiling_aligned:.0%} | "
+            f"{t['gradcam_energy']:.1%} | {a['gradcam_energy']:.1%} | {s['gradcam_energy']:.1%} | "
+            f"{t['lesion_fraction']:.1%} | {train_clock.seconds:.0f} |")
+    header = ("| modality | mode | head | px | patients | epochs | test AUC (macro, best epoch) | lesion images "
+              "| hit trained | hit trained, RF centres | hit shuffled | hit centre prior | grid ceiling (resize / RF "
+              "centres) | energy trained | energy trained, RF centres | energy shuffled | lesion area | train s |\n"
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     record(name, figures, f"#### {name}\n\n{header}\n{line}", doc=ROOT / "docs" / "results" / "explain.md")
 
 

@@ -25,6 +25,8 @@ from common import WORK, record, synthetic_cohort, verdict
 CHILD = r"""
 import json, resource, sys, time
 from pathlib import Path
+from breastfusion.allocator import reuse_freed_memory
+reuse_freed_memory()  # as the command line does
 from breastfusion.experiment import run_experiment
 from breastfusion.presets import cpu_reference, demo_rows
 from breastfusion.records import read_manifest

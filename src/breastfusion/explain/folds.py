@@ -106,13 +106,13 @@ class Explained:
 
 def explain_row(row_dir: str | os.PathLike, manifest: Manifest, modality: Modality, lesions: LesionSource,
                 progress: bool = True, perturb: Callable[[torch.nn.Module], None] | None = None,
-                target: str = "true") -> list[Explained]:
+                target: str = "true", align: bool = False) -> list[Explained]:
     """Grad-CAM of every annotated benign/malignant validation image of `modality`.
 
     `perturb` (optional) edits each fold network in place before explaining, e.g.
     `shuffle_weights` for the model-randomisation sanity check (Adebayo et al. 2018).
     `target`: "true" explains the image's true class, "abnormal" the evidence against normal
-    (gradcam.ABNORMAL)."""
+    (gradcam.ABNORMAL). `align`: see gradcam.explain_instance."""
     from tqdm import tqdm
 
     from ..predict.bundle import fold_dirs, trained_net
@@ -150,7 +150,7 @@ def explain_row(row_dir: str | os.PathLike, manifest: Manifest, modality: Modali
                 if not lesion.any():
                     continue
                 goal = ABNORMAL if target == ABNORMAL else inst.label.index
-                exp = explain_instance(net, instance_batch(inst, source), slots, class_index=goal)
+                exp = explain_instance(net, instance_batch(inst, source), slots, class_index=goal, align=align)
                 heat = exp.us if modality is Modality.US else exp.mg[_slot_of(inst, rec, slots)]
                 out.append(Explained(score(Path(rec.path).name, inst.label.value, heat, lesion), img, heat, lesion))
     return out
