@@ -4,14 +4,14 @@ A convolutional network on a CPU allocates and frees activations of tens of mega
 every layer. glibc's malloc serves blocks above its mmap threshold (dynamic, at most
 32 MiB) with fresh ``mmap`` calls and unmaps them on free, so every layer of every batch
 page-faults its output in again: on the reference 2-core machine the kernel time of
-EfficientNet-Lite0 inference at 128 px was about 45% of the wall time (2.3 million minor
-page faults per 700 images). Raising the mmap and trim thresholds makes malloc keep those
-blocks in its heap and hand them out again: the same forward passes ran 2.0x faster
-(`bench/predict.py`, raw backbone column; docs/performance.md). PyTorch's CPU tuning guide
+EfficientNet-Lite0 inference at 128 px was 73% of the wall time (2,330 minor page faults
+per image). Raising the mmap and trim thresholds makes malloc keep those
+blocks in its heap and hand them out again: the same forward passes ran 1.8x faster, a bare
+fine-tune step 1.06x (`bench/allocator.py`; docs/performance.md). PyTorch's CPU tuning guide
 reaches the same end by preloading jemalloc or tcmalloc; this needs no extra library.
 
-The price: memory freed below the threshold stays with the process until it exits (its
-peak resident size is unchanged; `bench/scale.py` measures it). The command line applies
+The price: memory freed below the threshold stays with the process until it exits (the
+peak resident size of `bench/scale.py`'s CV runs was within 3% of glibc's defaults). The command line applies
 this at start; Python users call `reuse_freed_memory()` themselves. Set
 ``BREASTFUSION_MALLOC=default`` to leave the allocator alone.
 """

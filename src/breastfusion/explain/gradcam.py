@@ -153,11 +153,12 @@ def receptive_field_centres(backbone: nn.Module, layer: nn.Module, size: tuple[i
     the resize's positions; ResNet's symmetric padding centres them at 32 k (15.5 px up and
     left), GoogLeNet's unpadded pools at 32 k + 22. Where a trained network looks is another
     matter: the centre of mass of ImageNet EfficientNet-Lite0's effective receptive fields
-    (input gradients over random images, Luo et al. 2016) lies in between, on average 7 px
-    below and 3 px left of the resize's positions with a spread of 6-10 px between cells
-    (randomly initialised: at the geometric centres), and on the synthetic cohort the pointing
-    game scored lower with geometric placement (docs/results/explain.md). So placement by
-    geometric centre is an option (`explain_instance(align=True)`), not the default.
+    (input gradients over random images, Luo et al. 2016) lies on average 8 px below and
+    4 px left of the resize's positions, with a spread of 7-12 px between cells (randomly
+    initialised: at the geometric centres; bench/receptive_fields.py), and on the synthetic
+    cohort the pointing game scored lower with geometric placement (docs/results/explain.md).
+    So placement by geometric centre is an option (`explain_instance(align=True)`), not the
+    default.
     Cached per (backbone, layer, size)."""
     key = (id(layer), tuple(size))
     cached = _CENTRES.setdefault(backbone, {})
