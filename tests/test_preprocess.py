@@ -315,6 +315,35 @@ def test_cache_reuses_and_recomputes_on_change(tmp_path):
     assert len(list((tmp_path / "cache" / "preprocessed").iterdir())) == 2
 
 
+@pytest.mark.parametrize("damage,reused", [
+    ("none", True),  # the header the cache writes: read straight into an array
+    ("fortran", True),  # another valid header: np.load reads it
+    ("float64", False), ("wrong shape", False), ("truncated", False), ("one byte more", False), ("garbage", False),
+])
+def test_cached_file_is_read_only_when_it_holds_the_image(tmp_path, damage, reused):
+    path = save_png(tmp_path / "mg.png", synthetic_mammogram())
+    cache = PreprocessCache(tmp_path / "cache", Preprocessor(size=32))
+    first = cache.get(path, "MG", "L")
+    file = cache.file_for(path, "MG", "L")
+    raw = file.read_bytes()
+    if damage == "fortran":
+        np.save(file, np.asfortranarray(first))
+    elif damage == "float64":
+        np.save(file, first.astype(np.float64))
+    elif damage == "wrong shape":
+        np.save(file, np.zeros((16, 16), np.float32))
+    elif damage == "truncated":
+        file.write_bytes(raw[:-10])
+    elif damage == "one byte more":
+        file.write_bytes(raw + b"\0")
+    elif damage == "garbage":
+        file.write_bytes(b"not an array")
+    again = PreprocessCache(tmp_path / "cache", Preprocessor(size=32))
+    out = again.get(path, "MG", "L")
+    assert (again.reused, again.computed) == ((1, 0) if reused else (0, 1))
+    assert out.dtype == np.float32 and out.flags.writeable and np.array_equal(out, first)
+
+
 def test_cache_hash_is_memoised(tmp_path, monkeypatch):
     path = save_png(tmp_path / "us.png", synthetic_ultrasound())
     cache = PreprocessCache(tmp_path / "cache", Preprocessor(size=32))

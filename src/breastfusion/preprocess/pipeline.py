@@ -217,9 +217,7 @@ class PreprocessCache:
                     return None
                 fh.seek(0)
                 arr = np.load(fh)
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError):  # a damaged cache file is recomputed
+        except (OSError, ValueError):  # missing, or damaged: computed again
             return None
         return arr if arr.shape == (size, size) and arr.dtype == np.float32 else None
 

@@ -67,9 +67,8 @@ def has_conv2d(model: nn.Module) -> bool:
 
 
 def _is_channels_last(model: nn.Module) -> bool:
-    """The layout of the model's first 4-D weight (models are converted whole, `memory_format`)."""
-    first = next((t for t in model.parameters() if t.dim() == 4), None)
-    return first is not None and first.is_contiguous(memory_format=torch.channels_last)
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.dim() == 4]
+    return bool(tensors) and all(t.is_contiguous(memory_format=torch.channels_last) for t in tensors)
 
 
 @contextlib.contextmanager
