@@ -67,12 +67,14 @@ class FeatureBank:
 
     def encode(self, backbone: Backbone, records: list[ImageRecord]) -> None:
         todo = list({r.path: r for r in records if (id(backbone), r.path) not in self._store}.values())
+        if not todo:  # e.g. the folds share a frozen backbone: the first fold encoded everything
+            return
         backbone.eval()
         chunks = [todo[k:k + self.batch_size] for k in range(0, len(todo), self.batch_size)]
         # the next chunk is read from the cache while the backbone works on this one
         with torch.no_grad(), memory_format(backbone, self.channels_last) as cl, \
                 ThreadPoolExecutor(max_workers=1) as reader:
-            pending = reader.submit(self._images, chunks[0], cl) if chunks else None
+            pending = reader.submit(self._images, chunks[0], cl)
             for k, chunk in enumerate(chunks):
                 images = pending.result()
                 if k + 1 < len(chunks):
