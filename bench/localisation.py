@@ -33,7 +33,7 @@ from breastfusion.explain.folds import explain_row, shuffle_weights, synthetic_l
 from breastfusion.explain.gradcam import CellCentres, receptive_field_centres
 from breastfusion.explain.localisation import summarize
 from breastfusion.models.backbones import build_backbone
-from breastfusion.presets import cpu_reference, demo_rows
+from breastfusion.presets import localisation_row
 from breastfusion.training.cv import prepare, run_fold
 from breastfusion.vocab import MG_SLOTS, Kind, Modality
 
@@ -88,14 +88,7 @@ def main() -> None:
     modality = Modality(args.modality)
     manifest = synthetic_cohort(args.patients, image_size=args.size, us_per_patient=(2, 3), seed=args.seed)
     root = WORK / f"synth_{args.patients}p_{args.size}px_us2-3_s{args.seed}"
-    (row,) = [r for r in demo_rows(cpu_reference(image_size=args.size, epochs=args.epochs, copies=1))
-              if r.name == f"single {args.modality}"]
-    row.cv.folds, row.cv.test_folds = 4, 1
-    row.train.mode, row.train.optimizer, row.train.lr, row.train.batch_size = args.mode, "adamw", 3e-4, 16
-    if args.mode == "finetune":
-        row.model.backbone.frozen = "stem"
-    if args.head == "plain":
-        row.model.head, row.model.arcface = "plain", False
+    row = localisation_row(args.modality, args.size, args.epochs, args.mode, args.head)
     if modality is Modality.MG and args.views == "synthesized":
         row.model.mg_slots = [s.name for s in MG_SLOTS if s.kind is Kind.SYNTHESIZED]
     views = f"_{args.views}" if modality is Modality.MG else ""
@@ -107,12 +100,14 @@ def main() -> None:
     (row_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(row), sort_keys=False))
     fold = row_dir / "folds" / "fold_0"
     timing = row_dir / "train_seconds.json"  # a rerun explains the fold trained before
+    trained_now = not (fold / "predictions.csv").is_file()
     with quiet_logs(), Clock() as train_clock:
         data = prepare(manifest, row, progress=False)
-        if not (fold / "predictions.csv").is_file() or not timing.is_file():
+        if trained_now:
             run_fold(data, data.splits[0], row, fold, progress=False)
-            timing.write_text(json.dumps({"train_s": train_clock.seconds}))
-    train_s = json.loads(timing.read_text())["train_s"]
+    if trained_now:
+        timing.write_text(json.dumps({"train_s": train_clock.seconds}))
+    train_s = json.loads(timing.read_text())["train_s"] if timing.is_file() else float("nan")
     fit = json.loads((fold / "fit.json").read_text())
     lesions = synthetic_lesions(root / "lesions.csv")
     with Clock() as explain_clock:

@@ -9,9 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from breastfusion.allocator import reuse_freed_memory
 from breastfusion.config import BackboneConfig, ModelConfig
 from breastfusion.records import ImageRecord, write_manifest
 from breastfusion.vocab import LABELS, MG_SLOTS, Modality, Side
+
+reuse_freed_memory()  # the library runs as the command line sets it up (allocator.py)
 
 SHARED_DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 

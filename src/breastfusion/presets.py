@@ -29,6 +29,23 @@ def cpu_reference(image_size: int = 128, epochs: int = 60, copies: int = 2) -> R
     )
 
 
+def localisation_row(modality: str = "US", image_size: int = 224, epochs: int = 12, mode: str = "finetune",
+                     head: str = "plain") -> RunConfig:
+    """The single-modality recipe whose Grad-CAM localisation docs/results/explain.md measures
+    (bench/localisation.py, tests/test_gradcam_localises.py): EfficientNet-Lite0 from ImageNet,
+    fine-tuned with its stem frozen ("finetune") or frozen whole ("cached"); Habib's plain head
+    ("plain") or the paper's with ArcFace ("paper"); AdamW, lr 3e-4, batch 16; 4 patient folds."""
+    (row,) = [r for r in demo_rows(cpu_reference(image_size=image_size, epochs=epochs, copies=1))
+              if r.name == f"single {Modality.parse(modality).value}"]
+    row.cv.folds, row.cv.test_folds = 4, 1
+    row.train.mode, row.train.optimizer, row.train.lr, row.train.batch_size = mode, "adamw", 3e-4, 16
+    if mode == "finetune":
+        row.model.backbone.frozen = "stem"
+    if head == "plain":
+        row.model.head, row.model.arcface = "plain", False
+    return row
+
+
 def _variant(base: RunConfig, name: str, edit: Callable[[RunConfig], None]) -> RunConfig:
     cfg = copy.deepcopy(base)
     cfg.name = name
