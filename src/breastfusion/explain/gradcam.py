@@ -17,7 +17,6 @@ construction: pytorch-grad-cam's ``GradCAM`` is used as a context manager.
 
 from __future__ import annotations
 
-import math
 import weakref
 from dataclasses import dataclass
 
@@ -28,7 +27,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from scipy.ndimage import map_coordinates
 from torch import nn
 
-from ..models.efficientnet_lite import SameConv2d
+from ..models.efficientnet_lite import SameConv2d, same_padding
 from ..models.network import BreastFusionNet
 from ..vocab import MGSlot, Modality
 
@@ -175,8 +174,7 @@ def _window(module: nn.Module, in_size: tuple[int, int], axis: int) -> tuple[flo
     dilation = pick(getattr(module, "dilation", 1))
     span = dilation * (kernel - 1) + 1
     if isinstance(module, SameConv2d):
-        n = in_size[axis]
-        before = max((math.ceil(n / stride) - 1) * stride + span - n, 0) // 2
+        before = same_padding(in_size[axis], span, stride) // 2
     else:
         before = pick(module.padding)
     return float(stride), -before + (span - 1) / 2

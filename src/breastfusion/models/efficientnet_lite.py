@@ -28,6 +28,11 @@ BN_EPS = 1e-3
 BN_MOMENTUM = 0.01
 
 
+def same_padding(size: int, kernel: int, stride: int) -> int:
+    """Total padding of TensorFlow's 'SAME' along one axis (the smaller half goes before)."""
+    return max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
+
+
 class SameConv2d(nn.Conv2d):
     """Conv2d with TensorFlow's 'SAME' padding (pads more on bottom/right when odd)."""
 
@@ -35,8 +40,7 @@ class SameConv2d(nn.Conv2d):
         ih, iw = x.shape[-2:]
         kh, kw = self.weight.shape[-2:]
         sh, sw = self.stride
-        ph = max((math.ceil(ih / sh) - 1) * sh + kh - ih, 0)
-        pw = max((math.ceil(iw / sw) - 1) * sw + kw - iw, 0)
+        ph, pw = same_padding(ih, kh, sh), same_padding(iw, kw, sw)
         if ph % 2 == 0 and pw % 2 == 0:  # symmetric (every stride-1 layer): the convolution pads
             return F.conv2d(x, self.weight, self.bias, self.stride, (ph // 2, pw // 2), self.dilation, self.groups)
         x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])  # a padded copy, stride 2 only
