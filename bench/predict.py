@@ -107,7 +107,7 @@ def naive_seconds(bundle, items, source) -> tuple[float, np.ndarray]:
                 for start in range(0, len(recs), BATCH):
                     chunk = recs[start:start + BATCH]
                     x = torch.stack([torch.from_numpy(source.get(r.path, r.modality, r.side)) if r is not None
-                                     else torch.zeros(source.preprocessor.size, source.preprocessor.size)
+                                     else torch.zeros(source.size(Modality.MG), source.size(Modality.MG))
                                      for r in chunk]).unsqueeze(1)
                     feats.append(bb(tensor_to(x, torch.device("cpu"), cl)))
                 encoded[(id(bb), m)] = torch.cat(feats)

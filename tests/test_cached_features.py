@@ -4,12 +4,13 @@ from torch.utils.data import DataLoader
 
 from breastfusion.config import BackboneConfig
 from breastfusion.models.network import BreastFusionNet, HeadOnly
-from breastfusion.preprocess.pipeline import PreprocessCache, Preprocessor
+from breastfusion.preprocess.pipeline import ImageSource, PreprocessCache, Preprocessor
 from breastfusion.records import read_manifest
 from breastfusion.training.augment import Augment
 from breastfusion.training.data import FeatureInstances, ImageInstances
 from breastfusion.training.features import FeatureStore
 from breastfusion.training.instances import build_instances
+from breastfusion.vocab import Modality
 
 from conftest import tiny_model_config, write_tiny_cohort
 
@@ -31,7 +32,8 @@ def test_cached_path_gives_fine_tune_logits(tmp_path):
     feats = store.features(records, backbone=net.mg_backbone, progress=False)
     assert store.computed == len(set(paths))
     assert all(f.shape == (3, 512) for f in feats.values())
-    image_batch = next(iter(DataLoader(ImageInstances(instances, source, train=False), batch_size=len(instances))))
+    images = ImageInstances(instances, ImageSource({Modality.MG: source, Modality.US: source}), train=False)
+    image_batch = next(iter(DataLoader(images, batch_size=len(instances))))
     feat_batch = next(iter(DataLoader(FeatureInstances(instances, feats, train=False), batch_size=len(instances))))
     with torch.no_grad():
         fine = net(image_batch).logits

@@ -43,7 +43,7 @@ def test_paper_dimensions_by_default():
     from breastfusion.config import ModelConfig
     from breastfusion.models.network import FusionHead
 
-    head = FusionHead(ModelConfig(), feat_dim=2048)
+    head = FusionHead(ModelConfig(), 2048)
     linears = [m for m in head.mg.view_mlp if isinstance(m, torch.nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(2048, 1024), (1024, 512)]
     assert tuple(head.mg.embed.weight.shape) == (256, 512)
@@ -177,7 +177,7 @@ def test_plain_habib_head_averages_present_views_and_concatenates():
     from breastfusion.models.network import PlainFusionHead
 
     cfg = tiny_model_config(head="plain", arcface=False)
-    head = PlainFusionHead(cfg, feat_dim=5)
+    head = PlainFusionHead(cfg, 5)
     mg = torch.randn(2, 4, 5)
     mask = torch.tensor([[True, False, True, False], [True, True, True, True]])
     us = torch.randn(2, 5)

@@ -20,10 +20,13 @@ from .errors import ConfigError
 from .files import write_text
 from .vocab import MG_SLOTS, MGSlot, Modality
 
-BACKBONES = ("resnet50", "resnet18", "googlenet", "efficientnet_lite0")
+BACKBONES = ("resnet50", "resnet18", "googlenet", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 FROZEN_STAGES = ("none", "stem", "layer1", "layer2", "layer3", "all")
 FUSIONS = ("concat", "cross_attention")
 PRECISIONS = ("auto", "fp32", "bf16")
+POOLINGS = ("avg", "max", "gem", "avgmax")
+TRAIN_MODES = ("finetune", "cached", "partial")
+ACTIVATION_DTYPES = ("fp16", "fp32")
 
 
 @dataclass
@@ -39,6 +42,11 @@ class BackboneConfig:
     # feature extractor as in cached-feature mode).
     frozen: str = "layer1"
     image_size: int = 224  # square input side in pixels (our choice: the paper gives none)
+    # Global pooling of the last feature map (our choice; the paper's ResNet50 averages):
+    # avg | max (small findings) | gem (generalised mean, exponent gem_p) | avgmax (both
+    # concatenated: twice the feature dimension).
+    pooling: str = "avg"
+    gem_p: float = 3.0
 
 
 @dataclass
@@ -57,6 +65,10 @@ class ModelConfig:
     # keeps only the two 2D slots.
     mg_slots: list[str] = field(default_factory=lambda: [s.name for s in MG_SLOTS])
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    # Per-modality backbones (our choice): null = `backbone`. Mammographic findings cover a
+    # few percent of the breast and want a larger input than ultrasound lesions.
+    mg_backbone: BackboneConfig | None = None
+    us_backbone: BackboneConfig | None = None
     # "paper": branches, view attention, ArcFace and fusion as method.md; "plain": the
     # Habib et al. 2020 baseline's head: per-modality backbone features (MG views
     # averaged) concatenated -> one linear layer -> 3, no ArcFace, no attention.
@@ -94,10 +106,22 @@ class ModelConfig:
     def multimodal(self) -> bool:
         return len(self.modality_set) == 2
 
+    def backbone_for(self, modality: Modality) -> BackboneConfig:
+        """The backbone of one modality's branch: its own when set, else the shared one."""
+        own = self.mg_backbone if Modality(modality) is Modality.MG else self.us_backbone
+        return own if own is not None else self.backbone
+
+    def backbones(self) -> dict[Modality, BackboneConfig]:
+        """The backbone config of each of the model's modalities."""
+        return {m: self.backbone_for(m) for m in self.modality_set}
+
 
 @dataclass
 class TrainConfig:
-    mode: str = "finetune"  # finetune (the paper's) | cached (frozen backbone, features on disk)
+    # finetune (the paper's) | cached (frozen backbone, pooled features on disk) | partial (the
+    # backbone's frozen stages run once per image: their activation maps are kept on disk, and
+    # the later stages and the heads train on them; the same network as finetune, cheaper)
+    mode: str = "finetune"
     epochs: int = 100
     optimizer: str = "sgd"  # sgd | adamw
     lr: float = 1e-3
@@ -106,7 +130,9 @@ class TrainConfig:
     batch_size: int = 16
     hflip_p: float = 0.5  # train-time augmentation (paper: random flip and rotation)
     rotation_deg: float = 15.0
-    feature_copies: int = 0  # cached mode: augmented feature copies per image, besides the plain one
+    # cached / partial mode: augmented copies per image (features or activations), besides the plain one
+    feature_copies: int = 0
+    activation_dtype: str = "fp16"  # partial mode: storage of cached activation maps (fp16 | fp32)
     select_by: str = "auc"  # best epoch chosen on the TEST split by: auc (macro) | loss
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -152,10 +178,19 @@ class RunConfig:
             problems.append(f"modalities must be MG, US or both, got {m.modalities}")
         if Modality.MG in mods and not slots:
             problems.append("an MG model needs at least one mg_slot")
-        if m.backbone.name not in BACKBONES:
-            problems.append(f"backbone {m.backbone.name!r} not in {BACKBONES}")
-        if m.backbone.frozen not in FROZEN_STAGES:
-            problems.append(f"backbone.frozen {m.backbone.frozen!r} not in {FROZEN_STAGES}")
+        for where, bb in (("backbone", m.backbone), ("mg_backbone", m.mg_backbone), ("us_backbone", m.us_backbone)):
+            if bb is None:
+                continue
+            if bb.name not in BACKBONES:
+                problems.append(f"{where} {bb.name!r} not in {BACKBONES}")
+            if bb.frozen not in FROZEN_STAGES:
+                problems.append(f"{where}.frozen {bb.frozen!r} not in {FROZEN_STAGES}")
+            if bb.pooling not in POOLINGS:
+                problems.append(f"{where}.pooling {bb.pooling!r} not in ({', '.join(POOLINGS)})")
+            if not bb.gem_p >= 1:
+                problems.append(f"{where}.gem_p must be at least 1, got {bb.gem_p}")
+            if bb.image_size < 32:
+                problems.append(f"model.{where}.image_size must be at least 32, got {bb.image_size}")
         if m.fusion not in FUSIONS:
             problems.append(f"fusion {m.fusion!r} not in {FUSIONS}")
         if m.head not in ("paper", "plain"):
@@ -172,13 +207,15 @@ class RunConfig:
             problems.append(f"preprocess.chest_wall {self.preprocess.chest_wall!r} not in (left, right, none)")
         if self.preprocess.colour not in ("reject", "grey"):
             problems.append(f"preprocess.colour {self.preprocess.colour!r} not in (reject, grey)")
-        if t.mode not in ("finetune", "cached"):
-            problems.append(f"train.mode {t.mode!r} not in (finetune, cached)")
+        if t.mode not in TRAIN_MODES:
+            problems.append(f"train.mode {t.mode!r} not in ({', '.join(TRAIN_MODES)})")
+        if t.activation_dtype not in ACTIVATION_DTYPES:
+            problems.append(f"train.activation_dtype {t.activation_dtype!r} not in ({', '.join(ACTIVATION_DTYPES)})")
         if t.optimizer not in ("sgd", "adamw"):
             problems.append(f"train.optimizer {t.optimizer!r} not in (sgd, adamw)")
         minimums = (("train.epochs", t.epochs, 1), ("train.batch_size", t.batch_size, 1),
                     ("train.feature_copies", t.feature_copies, 0), ("train.num_workers", t.num_workers, 0),
-                    ("model.backbone.image_size", m.backbone.image_size, 32), ("cv.folds", self.cv.folds, 3))
+                    ("cv.folds", self.cv.folds, 3))
         for key, value, low in minimums:
             if value < low:
                 problems.append(f"{key} must be at least {low}, got {value}")
@@ -190,8 +227,13 @@ class RunConfig:
             problems.append(f"train.precision {t.precision!r} not in ({', '.join(PRECISIONS)})")
         if t.select_by not in ("auc", "loss"):
             problems.append(f"train.select_by {t.select_by!r} not in (auc, loss)")
-        if t.mode == "cached" and m.backbone.frozen != "all":
-            problems.append("train.mode cached needs backbone.frozen: all (the backbone is not trained)")
+        for mod, bb in m.backbones().items():
+            if t.mode == "cached" and bb.frozen != "all":
+                problems.append(f"train.mode cached needs backbone.frozen: all ({mod.value}: the backbone "
+                                "is not trained)")
+            if t.mode == "partial" and bb.frozen in ("none", "all"):
+                problems.append(f"train.mode partial needs a backbone frozen up to a stage ({mod.value}: "
+                                f"frozen {bb.frozen!r}; stem, layer1, layer2 or layer3)")
         if not 1 <= self.cv.test_folds <= self.cv.folds - 2:
             problems.append("cv.test_folds must leave at least one training fold")
         if problems:
@@ -216,11 +258,22 @@ def from_dict(cls, data: dict | None, where: str = ""):
     kwargs = {}
     for name, value in data.items():
         hint = hints[name]
+        inner = _optional_dataclass(hint)
         if dataclasses.is_dataclass(hint):
             kwargs[name] = from_dict(hint, value, where=f"{where}{name}.")
+        elif inner is not None:
+            kwargs[name] = None if value is None else from_dict(inner, value, where=f"{where}{name}.")
         else:
             kwargs[name] = _coerce(value, hint, where + name)
     return cls(**kwargs)
+
+
+def _optional_dataclass(hint):
+    """D for a hint `D | None` where D is a dataclass, else None."""
+    if typing.get_origin(hint) not in (typing.Union, types.UnionType):
+        return None
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if len(args) == 1 and dataclasses.is_dataclass(args[0]) else None
 
 
 def _coerce(value, hint, where):

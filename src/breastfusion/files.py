@@ -40,9 +40,9 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return Path(path)
 
 
-def save_npy(path: str | os.PathLike, array: np.ndarray) -> Path:
+def save_npy(path: str | os.PathLike, array: np.ndarray, dtype=np.float32) -> Path:
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        np.save(fh, np.asarray(array, dtype=np.float32))
+        np.save(fh, np.asarray(array, dtype=dtype))
     return Path(path)
 
 

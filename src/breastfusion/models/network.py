@@ -17,7 +17,7 @@ from ..config import ModelConfig
 from ..vocab import N_CLASSES, Modality
 from .arcface import ArcMarginHead
 from .attention import l2_normalize
-from .backbones import Backbone, build_backbone
+from .backbones import Backbone, build_backbone, pooled_dim
 from .branches import MGBranch, USBranch, mlp
 from .fusion import ConcatFusion, CrossAttentionFusion
 
@@ -34,11 +34,12 @@ class PlainFusionHead(nn.Module):
     """Habib et al. 2020's head: backbone features of each modality (MG views averaged over
     the present ones) concatenated, one linear layer, 3 logits; no attention, no ArcFace."""
 
-    def __init__(self, cfg: ModelConfig, feat_dim: int):
+    def __init__(self, cfg: ModelConfig, feat_dims: dict[Modality, int] | int):
         super().__init__()
         self.cfg = cfg
         self.modalities = cfg.modality_set
-        self.classifier = nn.Linear(feat_dim * len(self.modalities), N_CLASSES)
+        feat_dims = per_modality(cfg, feat_dims)
+        self.classifier = nn.Linear(sum(feat_dims[m] for m in self.modalities), N_CLASSES)
 
     def forward(self, mg_feat: torch.Tensor | None = None, mg_mask: torch.Tensor | None = None,
                 us_feat: torch.Tensor | None = None, target: torch.Tensor | None = None) -> NetOutput:
@@ -53,22 +54,34 @@ class PlainFusionHead(nn.Module):
         return NetOutput(logits=self.classifier(torch.cat(parts, dim=1)))
 
 
-def build_head(cfg: ModelConfig, feat_dim: int) -> nn.Module:
-    return PlainFusionHead(cfg, feat_dim) if cfg.head == "plain" else FusionHead(cfg, feat_dim)
+def build_head(cfg: ModelConfig, feat_dims: dict[Modality, int] | int) -> nn.Module:
+    """The head for backbone features of these dimensions (one per modality, or one for all)."""
+    return PlainFusionHead(cfg, feat_dims) if cfg.head == "plain" else FusionHead(cfg, feat_dims)
+
+
+def feature_dims(cfg: ModelConfig) -> dict[Modality, int]:
+    """Each modality's pooled backbone feature dimension, without building a backbone."""
+    return {m: pooled_dim(bb) for m, bb in cfg.backbones().items()}
+
+
+def per_modality(cfg: ModelConfig, feat_dims: dict[Modality, int] | int) -> dict[Modality, int]:
+    return {m: feat_dims for m in cfg.modality_set} if isinstance(feat_dims, int) else dict(feat_dims)
 
 
 class FusionHead(nn.Module):
-    def __init__(self, cfg: ModelConfig, feat_dim: int):
+    def __init__(self, cfg: ModelConfig, feat_dims: dict[Modality, int] | int):
         super().__init__()
+        feat_dims = per_modality(cfg, feat_dims)
         self.cfg = cfg
         self.modalities = cfg.modality_set
         slope, drop, emb = cfg.leaky_slope, cfg.dropout, cfg.embedding_dim
         self.mg = self.us = None
         if Modality.MG in self.modalities:
-            self.mg = MGBranch(feat_dim, cfg.branch_dims, cfg.view_attention_dim, emb, cfg.arcface, slope, drop,
-                               cfg.arcface_scale)
+            self.mg = MGBranch(feat_dims[Modality.MG], cfg.branch_dims, cfg.view_attention_dim, emb, cfg.arcface,
+                               slope, drop, cfg.arcface_scale)
         if Modality.US in self.modalities:
-            self.us = USBranch(feat_dim, cfg.branch_dims, emb, cfg.arcface, slope, drop, cfg.arcface_scale)
+            self.us = USBranch(feat_dims[Modality.US], cfg.branch_dims, emb, cfg.arcface, slope, drop,
+                               cfg.arcface_scale)
         self.arc_heads = nn.ModuleDict()
         if cfg.arcface:
             for m in self.modalities:
@@ -113,16 +126,18 @@ class FusionHead(nn.Module):
 
 
 class BreastFusionNet(nn.Module):
-    """Images in, logits out. MG views of a case share one backbone; US has its own."""
+    """Images in, logits out. MG views of a case share one backbone; US has its own.
+
+    Partial mode feeds the activation maps of the backbones' frozen stages ("mg_act",
+    "us_act") instead of images: only the later stages run (`Backbone.tail`)."""
 
     def __init__(self, cfg: ModelConfig, backbones: dict[Modality, Backbone] | None = None):
         super().__init__()
         self.cfg = cfg
-        backbones = backbones or {m: build_backbone(cfg.backbone) for m in cfg.modality_set}
+        backbones = backbones or {m: build_backbone(bb) for m, bb in cfg.backbones().items()}
         self.mg_backbone = backbones.get(Modality.MG)
         self.us_backbone = backbones.get(Modality.US)
-        feat_dim = next(iter(backbones.values())).out_dim
-        self.head = build_head(cfg, feat_dim)
+        self.head = build_head(cfg, {m: b.out_dim for m, b in backbones.items()})
 
     def backbone(self, modality: Modality) -> Backbone:
         found = self.mg_backbone if modality is Modality.MG else self.us_backbone
@@ -130,17 +145,19 @@ class BreastFusionNet(nn.Module):
             raise ValueError(f"this model has no {modality.value} branch")
         return found
 
-    def encode_mg(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(B, V, C, H, W) views -> (B, V, D) features; only present views go through the CNN."""
+    def encode_mg(self, images: torch.Tensor, mask: torch.Tensor, activations: bool = False) -> torch.Tensor:
+        """(B, V, C, H, W) views -> (B, V, D) features; only present views go through the CNN.
+        `activations`: the views are activation maps of the frozen stages (partial mode)."""
         b, v = mask.shape
         mask = mask.to(torch.bool)
-        present = self.mg_backbone(images[mask])
+        present = images[mask]
+        present = self.mg_backbone.tail(present) if activations else self.mg_backbone(present)
         feats = present.new_zeros(b, v, present.shape[-1])
         feats[mask] = present
         return feats
 
-    def encode_us(self, images: torch.Tensor) -> torch.Tensor:
-        return self.us_backbone(images)
+    def encode_us(self, images: torch.Tensor, activations: bool = False) -> torch.Tensor:
+        return self.us_backbone.tail(images) if activations else self.us_backbone(images)
 
     def forward(self, batch: dict[str, torch.Tensor], target: torch.Tensor | None = None) -> NetOutput:
         """`batch` holds images ("mg", "mg_mask", "us") or cached features ("mg_feat", "us_feat")."""
@@ -149,13 +166,23 @@ class BreastFusionNet(nn.Module):
 
 def features_of(batch: dict[str, torch.Tensor], modalities, net: BreastFusionNet | None = None
                 ) -> dict[str, torch.Tensor]:
-    """The head's inputs for a batch: cached features as they are, images through the backbones."""
+    """The head's inputs for a batch: cached features as they are, images through the backbones,
+    frozen-stage activations through the backbones' later stages."""
     out: dict[str, torch.Tensor] = {}
     if Modality.MG in modalities:
         mask = out["mg_mask"] = batch["mg_mask"]
-        out["mg_feat"] = batch["mg_feat"] if "mg_feat" in batch else net.encode_mg(batch["mg"], mask)
+        if "mg_feat" in batch:
+            out["mg_feat"] = batch["mg_feat"]
+        elif "mg_act" in batch:
+            out["mg_feat"] = net.encode_mg(batch["mg_act"], mask, activations=True)
+        else:
+            out["mg_feat"] = net.encode_mg(batch["mg"], mask)
     if Modality.US in modalities:
-        out["us_feat"] = batch["us_feat"] if "us_feat" in batch else net.encode_us(batch["us"])
+        if "us_feat" in batch:
+            out["us_feat"] = batch["us_feat"]
+        else:
+            act = "us_act" in batch
+            out["us_feat"] = net.encode_us(batch["us_act" if act else "us"], activations=act)
     return out
 
 

@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 
 from .. import __version__
-from ..config import RunConfig, load_run_config, save_yaml
+from ..config import ModelConfig, RunConfig, load_run_config, save_yaml
 from ..errors import WeightsError
 from ..evaluation.aggregate import PROBA_COLUMNS
 from ..evaluation.calibration import (
@@ -69,13 +69,11 @@ def trained_net(cfg: RunConfig, state: dict[str, torch.Tensor], backbones_from_c
     """A network with trained weights. A cached-feature fold saved only its head: the
     backbones then come from the config's pretrained weights (`backbones_from_config`).
     `backbones` passes backbone modules to share between networks (loaded from `state` too)."""
-    model_cfg = cfg.model
-    if not backbones_from_config:
-        model_cfg = dataclasses.replace(model_cfg, backbone=dataclasses.replace(model_cfg.backbone, weights="none"))
+    model_cfg = cfg.model if backbones_from_config else untrained(cfg.model)
     given = dict(backbones or {})
     for m in model_cfg.modality_set:
         if m not in given:
-            given[m] = build_backbone(model_cfg.backbone)
+            given[m] = build_backbone(model_cfg.backbone_for(m))
     net = BreastFusionNet(model_cfg, given)
     own = net.state_dict()
     backbone_keys = ("mg_backbone.", "us_backbone.")
@@ -92,6 +90,15 @@ def trained_net(cfg: RunConfig, state: dict[str, torch.Tensor], backbones_from_c
         detail = next((ln for ln in lines if "size mismatch" in ln or "Missing" in ln or "Unexpected" in ln), lines[0])
         raise WeightsError(f"weights do not fit the configured network ({detail[:200]})") from None
     return net.eval()
+
+
+def untrained(model_cfg: ModelConfig) -> ModelConfig:
+    """The model config with every backbone's pretrained weights replaced by "none" (the
+    weights come from a saved state instead)."""
+    def none(bb):
+        return None if bb is None else dataclasses.replace(bb, weights="none")
+    return dataclasses.replace(model_cfg, backbone=none(model_cfg.backbone), mg_backbone=none(model_cfg.mg_backbone),
+                               us_backbone=none(model_cfg.us_backbone))
 
 
 def export_bundle(row_dir: str | os.PathLike, out_dir: str | os.PathLike,
@@ -141,7 +148,8 @@ def export_bundle(row_dir: str | os.PathLike, out_dir: str | os.PathLike,
         "folds": fold_ids,
         "temperatures": temperatures,
         "operating_points": points.to_dict(),
-        "preprocessing": {"size": cfg.model.backbone.image_size, **dataclasses.asdict(cfg.preprocess)},
+        "preprocessing": {"size": {m.value: bb.image_size for m, bb in cfg.model.backbones().items()},
+                          **dataclasses.asdict(cfg.preprocess)},
         "training_data": _training_data(data_file),
         "source_run": row_dir.name,
         "sha256": {name: sha256_file(path) for name, path in files.items()},
@@ -214,11 +222,11 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
     shared = read_state_dict(root / "weights" / "shared.safetensors")
     # A backbone whose every tensor is shared by all folds (frozen in training) is built
     # once and used by every fold's network: its features are then computed once.
-    none = dataclasses.replace(cfg.model.backbone, weights="none")
+    none = untrained(cfg.model)
     common = {}
     for m in cfg.model.modality_set:
         prefix = f"{m.value.lower()}_backbone."
-        template = build_backbone(none)
+        template = build_backbone(none.backbone_for(m))
         if all(prefix + k in shared for k in template.state_dict()):
             common[m] = template
     nets = []

@@ -44,7 +44,7 @@ from ..explain.gradcam import explain_instance
 from ..files import atomic_path, safe_name, write_text
 from ..models.backbones import Backbone
 from ..models.network import FusionHead
-from ..preprocess.pipeline import PreprocessCache
+from ..preprocess.pipeline import ImageSource
 from ..records import ImageRecord, Manifest
 from ..training.cv import image_source, screen, without_failed
 from ..training.data import ImageInstances
@@ -59,7 +59,7 @@ class FeatureBank:
     """Backbone features of images, computed once per (backbone module, image), in the
     arithmetic the model was trained with (`precision`, `channels_last`: TrainConfig)."""
 
-    def __init__(self, source: PreprocessCache, device: torch.device, batch_size: int = 32,
+    def __init__(self, source: ImageSource, device: torch.device, batch_size: int = 32,
                  precision: str = "fp32", channels_last: bool = False):
         self.source, self.device, self.batch_size = source, device, batch_size
         self.precision, self.channels_last = precision, channels_last
@@ -127,7 +127,7 @@ def head_inputs(net, bank: FeatureBank, items: list[Instance], device: torch.dev
     return out
 
 
-def ensemble_logits(bundle: Bundle, items: list[Instance], source: PreprocessCache,
+def ensemble_logits(bundle: Bundle, items: list[Instance], source: ImageSource,
                     device: torch.device) -> list[np.ndarray]:
     """(N, 3) logits per fold network, MG-once through a shared FeatureBank."""
     train = bundle.config.train
@@ -149,7 +149,7 @@ def ensemble_logits(bundle: Bundle, items: list[Instance], source: PreprocessCac
     return out
 
 
-def instance_batch(inst: Instance, source: PreprocessCache) -> dict[str, torch.Tensor]:
+def instance_batch(inst: Instance, source: ImageSource) -> dict[str, torch.Tensor]:
     """One instance's images as a batch of one: exactly what fine-tune training feeds."""
     return default_collate([ImageInstances([inst], source, train=False)[0]])
 
@@ -216,7 +216,7 @@ def _warnings(items: list[Instance], slots: list[str]) -> list[str]:
     return [f"{slot} view missing" for slot, rec in zip(slots, first.mg, strict=False) if rec is None]
 
 
-def _panels(bundle: Bundle, items: list[Instance], source: PreprocessCache, dev, target: int) -> list[ImagePanel]:
+def _panels(bundle: Bundle, items: list[Instance], source: ImageSource, dev, target: int) -> list[ImagePanel]:
     """Grad-CAM per image for class `target` (the patient's triage class by mean probability),
     averaged over folds; an MG view's map is averaged over the patient's instances too (each
     instance pairs the same MG views with another US image)."""
@@ -306,7 +306,7 @@ def _describe_points(bundle: Bundle) -> str:
     return "; ".join(parts) or "none (see bundle.json)"
 
 
-def naive_probabilities(bundle: Bundle, items: list[Instance], source: PreprocessCache,
+def naive_probabilities(bundle: Bundle, items: list[Instance], source: ImageSource,
                         device: str = "cpu") -> np.ndarray:
     """Every instance through every fold's whole network, images and all: the reference
     that the MG-once path must reproduce (and the slow path it replaces)."""

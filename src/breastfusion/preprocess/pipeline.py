@@ -26,6 +26,7 @@ are atomic (temporary file + os.replace). Content hashes are memoised per
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import io
@@ -240,3 +241,44 @@ class PreprocessCache:
             write_text(self.dir / "key.json", json.dumps(self.preprocessor.key(), indent=1))
             self._key_written = True
         save_npy(file, arr)
+
+
+class ImageSource:
+    """The preprocessed images a model reads: one `PreprocessCache` per modality, each at its
+    own output size (mammograms often larger than ultrasound). Modalities of the same size
+    share one cache object. `get`, `ensure` and `file_for` dispatch on the record's modality."""
+
+    def __init__(self, caches: dict[Modality, PreprocessCache]):
+        if not caches:
+            raise ValueError("an image source needs at least one modality")
+        self.caches = {Modality(m): c for m, c in caches.items()}
+
+    @classmethod
+    def sized(cls, cache_dir: str | os.PathLike, base: Preprocessor, sizes: dict[Modality, int]) -> ImageSource:
+        """Caches of `base`'s parameters at each modality's size (shared between equal sizes)."""
+        by_size: dict[int, PreprocessCache] = {}
+        for size in sizes.values():
+            if size not in by_size:
+                by_size[size] = PreprocessCache(cache_dir, dataclasses.replace(base, size=int(size)))
+        return cls({m: by_size[s] for m, s in sizes.items()})
+
+    def cache(self, modality: Modality | str) -> PreprocessCache:
+        modality = Modality.parse(modality)
+        if modality not in self.caches:
+            raise ValueError(f"this model reads no {modality.value} images")
+        return self.caches[modality]
+
+    def preprocessor(self, modality: Modality | str) -> Preprocessor:
+        return self.cache(modality).preprocessor
+
+    def size(self, modality: Modality | str) -> int:
+        return self.cache(modality).preprocessor.size
+
+    def get(self, path: str | os.PathLike, modality: Modality | str, side: Side | str | None) -> np.ndarray:
+        return self.cache(modality).get(path, modality, side)
+
+    def ensure(self, path: str | os.PathLike, modality: Modality | str, side: Side | str | None) -> None:
+        self.cache(modality).ensure(path, modality, side)
+
+    def file_for(self, path: str | os.PathLike, modality: Modality | str, side: Side | str | None) -> Path:
+        return self.cache(modality).file_for(path, modality, side)

@@ -28,9 +28,9 @@ from ..config import ModelConfig, RunConfig, to_dict
 from ..errors import BreastFusionError, CohortError, InputImageError, WeightsError
 from ..evaluation.aggregate import LOGIT_COLUMNS, PROBA_COLUMNS
 from ..files import atomic_path, write_text
-from ..models.network import BreastFusionNet, HeadOnly, build_head, transfer_branch
+from ..models.network import BreastFusionNet, HeadOnly, build_head, feature_dims, transfer_branch
 from ..models.weights import load_into, save_weights
-from ..preprocess.pipeline import PreprocessCache, Preprocessor
+from ..preprocess.pipeline import ImageSource, Preprocessor
 from ..records import ImageRecord, Manifest
 from ..vocab import Modality
 from .augment import Augment
@@ -52,17 +52,41 @@ class CVData:
     instances: list[Instance]
     splits: list[FoldSplit]
     skipped: Counter  # cases left out, by reason
-    source: PreprocessCache  # preprocessed images (shared by every fold)
+    source: ImageSource  # preprocessed images (shared by every fold)
     failed: dict[str, str] = field(default_factory=dict)  # image path -> why preprocessing refused it
-    features: dict[str, np.ndarray] | None = None  # cached mode: path -> (1 + copies, D)
+    # cached mode: path -> (1 + copies, D) features; partial mode: path -> (1 + copies, C, H, W) activations
+    features: dict[str, np.ndarray] | None = None
 
 
-def image_source(cfg: RunConfig, cache_dir: str | os.PathLike | None = None) -> PreprocessCache:
-    """The preprocessed images a config's model sees (cached in `cache_dir`, default the config's)."""
+def image_source(cfg: RunConfig, cache_dir: str | os.PathLike | None = None) -> ImageSource:
+    """The preprocessed images a config's model sees, each modality at its backbone's input
+    size (cached in `cache_dir`, default the config's)."""
     p = cfg.preprocess
-    pre = Preprocessor(size=cfg.model.backbone.image_size, enabled=p.enabled, chest_wall=p.chest_wall,
-                       colour=p.colour)
-    return PreprocessCache(cache_dir or cfg.train.cache_dir, pre)
+    pre = Preprocessor(enabled=p.enabled, chest_wall=p.chest_wall, colour=p.colour)
+    sizes = {m: bb.image_size for m, bb in cfg.model.backbones().items()}
+    return ImageSource.sized(cache_dir or cfg.train.cache_dir, pre, sizes)
+
+
+def stored_representations(cfg: RunConfig, source: ImageSource, records: list[ImageRecord],
+                           progress: bool = True, device: torch.device | None = None
+                           ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Cached mode: every image's pooled backbone features; partial mode: its activation maps
+    after the frozen stages. Computed once per modality's backbone and kept on disk (features.py).
+    Returns (path -> array, refused path -> reason)."""
+    t = cfg.train
+    stage_of = {m: (None if t.mode == "cached" else bb.frozen) for m, bb in cfg.model.backbones().items()}
+    out: dict[str, np.ndarray] = {}
+    failed: dict[str, str] = {}
+    for modality, bb in cfg.model.backbones().items():
+        mine = [r for r in records if r.modality is modality]
+        if not mine:
+            continue
+        store = FeatureStore(t.cache_dir, bb, source.cache(modality), Augment(t.hflip_p, t.rotation_deg),
+                             t.feature_copies, t.seed, channels_last=t.channels_last, stage=stage_of[modality],
+                             dtype=t.activation_dtype)
+        out.update(store.features(mine, device=device or pick_device(t.device), progress=progress))
+        failed.update(store.failed)
+    return out, failed
 
 
 def prepare(manifest: Manifest, cfg: RunConfig, progress: bool = True) -> CVData:
@@ -76,12 +100,8 @@ def prepare(manifest: Manifest, cfg: RunConfig, progress: bool = True) -> CVData
     records = list({r.path: r for i in instances for r in (*i.mg, i.us) if r is not None}.values())
     source = image_source(cfg)
     features = None
-    if cfg.train.mode == "cached":
-        store = FeatureStore(cfg.train.cache_dir, cfg.model.backbone, source,
-                             Augment(cfg.train.hflip_p, cfg.train.rotation_deg), cfg.train.feature_copies,
-                             cfg.train.seed, channels_last=cfg.train.channels_last)
-        features = store.features(records, device=pick_device(cfg.train.device), progress=progress)
-        failed = store.failed
+    if cfg.train.mode in ("cached", "partial"):
+        features, failed = stored_representations(cfg, source, records, progress)
     else:
         failed = screen(records, source, progress)
     instances = without_failed(instances, failed, skipped)
@@ -95,7 +115,7 @@ def prepare(manifest: Manifest, cfg: RunConfig, progress: bool = True) -> CVData
     return CVData(instances, splits, skipped, source, failed, features)
 
 
-def screen(records: list[ImageRecord], source: PreprocessCache, progress: bool = True) -> dict[str, str]:
+def screen(records: list[ImageRecord], source: ImageSource, progress: bool = True) -> dict[str, str]:
     """Preprocess every image once (filling the cache); return the refused ones with their reasons."""
     failed = {}
     for rec in tqdm(records, desc="preprocess", unit="img", disable=not progress, leave=False):
@@ -388,8 +408,9 @@ class _Trainer:
 
     def loader(self, items: list[Instance], train: bool) -> DataLoader:
         t = self.cfg.train
-        if t.mode == "cached":
-            data = FeatureInstances(items, self.features, train, self.seed)
+        if t.mode in ("cached", "partial"):
+            kind = "feat" if t.mode == "cached" else "act"
+            data = FeatureInstances(items, self.features, train, self.seed, kind=kind)
         else:
             data = ImageInstances(items, self.source, train, self.augment, self.seed)
         if train:
@@ -411,8 +432,8 @@ class _Trainer:
     def build(self, model_cfg: ModelConfig) -> torch.nn.Module:
         torch.manual_seed(self.seed)
         if self.cfg.train.mode == "cached":
-            return HeadOnly(build_head(model_cfg, next(iter(self.features.values())).shape[-1]))
-        return BreastFusionNet(model_cfg)
+            return HeadOnly(build_head(model_cfg, feature_dims(model_cfg)))
+        return BreastFusionNet(model_cfg)  # partial mode too: the later stages train on activations
 
     def train(self, model_cfg: ModelConfig, train: list[Instance], test: list[Instance], desc: str,
               branches: dict | None = None, checkpoint: Path | None = None):

@@ -2,7 +2,9 @@
 
 A batch is a dict: "mg" (B, V, 1, S, S) + "mg_mask" (B, V) for MG models,
 "us" (B, 1, S, S) for US models, "label" (B,), "index" (B,). The feature
-variant holds "mg_feat" (B, V, D) and "us_feat" (B, D) instead of images.
+variant holds "mg_feat" (B, V, D) and "us_feat" (B, D) instead of images; the
+activation variant (partial mode) "mg_act" (B, V, C, H, W) and "us_act"
+(B, C, H, W), the activation maps of the backbone's frozen stages.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..preprocess.pipeline import PreprocessCache
+from ..preprocess.pipeline import ImageSource
 from ..records import ImageRecord
+from ..vocab import Modality
 from .augment import Augment
 from .instances import Instance
 
@@ -52,16 +55,16 @@ class _InstanceDataset(Dataset):
 class ImageInstances(_InstanceDataset):
     """Loads (preprocessed, from the cache) and in training augments every image of an instance."""
 
-    def __init__(self, instances: Sequence[Instance], source: PreprocessCache, train: bool,
+    def __init__(self, instances: Sequence[Instance], source: ImageSource, train: bool,
                  augment: Augment | None = None, seed: int = 0):
         super().__init__(instances, train, seed)
         self.source = source
-        self.size = source.preprocessor.size
         self.augment = augment if train else None
 
     def _image(self, rec: ImageRecord | None, rng: np.random.Generator) -> torch.Tensor:
-        if rec is None:
-            return torch.zeros(1, self.size, self.size)
+        if rec is None:  # a missing MG view
+            size = self.source.size(Modality.MG)
+            return torch.zeros(1, size, size)
         img = torch.from_numpy(self.source.get(rec.path, rec.modality, rec.side)).unsqueeze(0)
         return self.augment(img, rng) if self.augment is not None else img
 
@@ -77,27 +80,30 @@ class ImageInstances(_InstanceDataset):
 
 
 class FeatureInstances(_InstanceDataset):
-    """Serves cached backbone features; in training a random augmented copy per image."""
+    """Serves cached backbone features ("*_feat") or frozen-stage activations ("*_act",
+    `kind="act"`); in training a random augmented copy per image."""
 
     def __init__(self, instances: Sequence[Instance], features: dict[str, np.ndarray], train: bool,
-                 seed: int = 0):
+                 seed: int = 0, kind: str = "feat"):
         super().__init__(instances, train, seed)
         self.features = features
-        self.dim = next(iter(features.values())).shape[-1]
+        self.kind = kind
+        mg = next((r.path for i in self.instances for r in i.mg if r is not None), None)
+        self.mg_shape = tuple(features[mg].shape[1:]) if mg is not None else ()
 
     def _feat(self, path: str | None, rng: np.random.Generator) -> torch.Tensor:
-        if path is None:
-            return torch.zeros(self.dim)
+        if path is None:  # a missing MG view
+            return torch.zeros(self.mg_shape)
         copies = self.features[path]
         k = int(rng.integers(len(copies))) if self.train else 0
-        return torch.from_numpy(np.asarray(copies[k], dtype=np.float32))
+        return torch.from_numpy(np.array(copies[k], dtype=np.float32))  # a copy: the cache may be memory-mapped
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         inst = self.instances[index]
         rng = item_rng(self.seed, self.epoch, index)
         item = self._common(index)
         if self.uses_mg:
-            item["mg_feat"] = torch.stack([self._feat(r.path if r else None, rng) for r in inst.mg])
+            item[f"mg_{self.kind}"] = torch.stack([self._feat(r.path if r else None, rng) for r in inst.mg])
         if self.uses_us:
-            item["us_feat"] = self._feat(inst.us.path, rng)
+            item[f"us_{self.kind}"] = self._feat(inst.us.path, rng)
         return item

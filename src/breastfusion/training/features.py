@@ -1,4 +1,5 @@
-"""Cached-feature mode: each image's backbone features computed once and kept on disk.
+"""Cached-feature and partial mode: what a frozen backbone makes of each image, computed once
+and kept on disk.
 
 On 2 CPU cores fine-tuning a ResNet50 runs at a few images per second, so
 this mode freezes the backbone, computes every image's pooled features once
@@ -15,6 +16,13 @@ renamed or moved file is not recomputed and a changed one is. Images are read
 through the preprocessing cache. An image that preprocessing refuses (e.g. a
 Doppler image under the "reject" policy) gets no features; its reason is kept
 in `FeatureStore.failed`.
+
+Partial mode (`stage` set): not the pooled features but the activation maps after
+the frozen stages (`Backbone.trunk`), shape (1 + copies, C, H, W), stored in
+`dtype` (fp16 by default: half the disk and memory; the later stages train on
+them and compute in fp32). The stage and the storage type are part of `<spec>`.
+Arrays are memory-mapped when read, so a large cohort's activations stay on
+disk until a batch needs them.
 """
 
 from __future__ import annotations
@@ -54,10 +62,13 @@ def weights_id(cfg: BackboneConfig) -> str:
 
 class FeatureStore:
     def __init__(self, cache_dir: str | os.PathLike, backbone_cfg: BackboneConfig, source: PreprocessCache,
-                 augment: Augment, copies: int, seed: int = 0, channels_last: bool = False):
+                 augment: Augment, copies: int, seed: int = 0, channels_last: bool = False,
+                 stage: str | None = None, dtype: str = "fp16"):
         self.backbone_cfg, self.source, self.augment, self.copies, self.seed = (
             backbone_cfg, source, augment, copies, seed)
         self.channels_last = channels_last
+        self.stage = stage
+        self.dtype = np.float16 if stage is not None and dtype == "fp16" else np.float32
         self.failed: dict[str, str] = {}  # path -> why preprocessing refused it
         self.key = {
             "backbone": backbone_cfg.name,
@@ -70,6 +81,11 @@ class FeatureStore:
         }
         if channels_last:  # another float summation order: other (equally valid) features
             self.key["layout"] = "channels_last"
+        if backbone_cfg.pooling != "avg":  # (keys of average-pooled features stay as they were)
+            self.key["pooling"] = [backbone_cfg.pooling, backbone_cfg.gem_p]
+        if stage is not None:
+            self.key.update(stage=stage, dtype=np.dtype(self.dtype).name)
+            self.key.pop("pooling", None)  # activations come before the pooling
         spec_hash = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:16]
         self.dir = Path(cache_dir) / "features" / spec_hash
         self.computed = 0  # images whose features this store computed (not read from disk)
@@ -79,7 +95,8 @@ class FeatureStore:
 
     def features(self, records: Sequence[ImageRecord], backbone: Backbone | None = None, batch_size: int = 32,
                  device: torch.device | str = "cpu", progress: bool = True) -> dict[str, np.ndarray]:
-        """path -> (1 + copies, D) float32 array for every record preprocessing accepts."""
+        """path -> (1 + copies, D) float32 array (partial mode: (1 + copies, C, H, W) activations,
+        memory-mapped) for every record preprocessing accepts."""
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "key.json").write_text(json.dumps(self.key, indent=1))
         unique = []
@@ -95,7 +112,7 @@ class FeatureStore:
             if backbone is None:
                 from ..models.backbones import build_backbone
 
-                backbone = build_backbone(self.backbone_cfg)
+                backbone = build_backbone(self.backbone_cfg)  # pooling and frozen stages as configured
             self._compute(missing, backbone, batch_size, device, progress)
             for rec in missing:
                 if rec.path not in self.failed:
@@ -109,12 +126,15 @@ class FeatureStore:
         finite (a corrupt cache file is recomputed, never trained on)."""
         file = self._file(rec)
         try:
-            arr = np.load(file, allow_pickle=False)
+            arr = np.load(file, allow_pickle=False, mmap_mode="r" if self.stage is not None else None)
         except (OSError, ValueError) as exc:
             log.warning("%s: unreadable cached features (%s); recomputing", file.name, exc)
             return None
-        if arr.ndim != 2 or arr.shape[0] != 1 + self.copies or not np.isfinite(arr).all():
-            log.warning("%s: cached features of shape %s or not finite; recomputing", file.name, arr.shape)
+        ndim = 2 if self.stage is None else 4
+        if arr.ndim != ndim or arr.shape[0] != 1 + self.copies or arr.dtype != self.dtype \
+                or not np.isfinite(arr).all():
+            log.warning("%s: cached features of shape %s (%s) or not finite; recomputing", file.name, arr.shape,
+                        arr.dtype)
             return None
         return arr
 
@@ -127,7 +147,8 @@ class FeatureStore:
 
     def _compute_batches(self, records, backbone, batch_size, device, progress, channels_last) -> None:
         per_batch = max(1, batch_size // (1 + self.copies))
-        bar = tqdm(total=len(records), desc=f"features {self.backbone_cfg.name}", unit="img",
+        what = "features" if self.stage is None else f"activations to {self.stage}"
+        bar = tqdm(total=len(records), desc=f"{what} {self.backbone_cfg.name}", unit="img",
                    disable=not progress, leave=False)
         for start in range(0, len(records), per_batch):
             images, owners = [], []
@@ -143,9 +164,10 @@ class FeatureStore:
                 owners.append(rec)
             if images:
                 batch = tensor_to(torch.stack(images), torch.device(device), channels_last)
-                feats = backbone(batch).float().cpu().numpy()
+                out = backbone(batch) if self.stage is None else backbone.trunk(batch, self.stage)
+                feats = out.float().cpu().numpy().astype(self.dtype, copy=False)
                 for i, rec in enumerate(owners):
-                    save_npy(self._file(rec), feats[i * (1 + self.copies):(i + 1) * (1 + self.copies)])
+                    save_npy(self._file(rec), feats[i * (1 + self.copies):(i + 1) * (1 + self.copies)], self.dtype)
                     self.computed += 1
             bar.update(len(records[start:start + per_batch]))
         bar.close()
