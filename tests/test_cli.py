@@ -1,5 +1,7 @@
 """The command line: each command on small generated inputs; input errors as one line, exit code 2."""
 
+import json
+
 import yaml
 from click.testing import CliRunner
 
@@ -42,10 +44,20 @@ def test_experiment_from_a_config_file(tmp_path):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump({"rows": [to_dict(row)]}))
     out = CliRunner().invoke(main, ["experiment", str(cfg), "--manifest", str(manifest), "-o",
-                                    str(tmp_path / "run"), "--quiet"])
+                                    str(tmp_path / "run"), "--quiet", "--set", "train.epochs=2",
+                                    "--set", "model.us_backbone.pooling=gem", "--set", "train.lr=3e-4"])
     assert out.exit_code == 0, out.output
     assert (tmp_path / "run" / "report.md").is_file()
     assert "breastfusion experiment" in (tmp_path / "run" / "command.txt").read_text()
+    saved = yaml.safe_load((tmp_path / "run" / "rows" / "tiny_US" / "config.yaml").read_text())
+    assert saved["train"]["epochs"] == 2 and saved["train"]["lr"] == 3e-4
+    assert saved["model"]["us_backbone"]["pooling"] == "gem" and saved["model"]["backbone"]["pooling"] == "avg"
+    fit = json.loads((tmp_path / "run" / "rows" / "tiny_US" / "folds" / "fold_0" / "fit.json").read_text())
+    assert len(fit["history"]) == 2
+    for bad in ("train.nonsense=1", "train.mode=sideways", "train.lr"):
+        out = CliRunner().invoke(main, ["experiment", str(cfg), "--manifest", str(manifest), "-o",
+                                        str(tmp_path / "bad"), "--quiet", "--set", bad])
+        assert out.exit_code == 2 and bad.split("=")[0] in out.output.strip().splitlines()[-1], (bad, out.output)
 
 
 def test_unknown_preset_or_file_is_an_error(tmp_path):

@@ -190,6 +190,9 @@ def _rows_from_file(spec: str):
               help="Presets only: the 'without second image' rows drop synthesized 2D (kind) or the MLO view "
                    "(view); auto picks kind when the manifest has synthesized 2D images, else view.")
 @click.option("--row", "row_names", multiple=True, help="Run only these rows (by name; repeatable).")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+              help="Override a config field of every row, e.g. --set train.lr=3e-4 --set "
+                   "model.us_backbone.image_size=260 (repeatable; saved in each row's config.yaml).")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None,
               help="Refuse manifest image paths outside this folder.")
 @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
@@ -197,9 +200,10 @@ def _rows_from_file(spec: str):
                    "several are present); results are those of --jobs 1.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def experiment(config: str, manifest: str, out_dir: str, epochs: int | None, folds: int | None,
-               second_image: str, row_names: tuple[str, ...], data_root: str | None, jobs: int,
-               quiet: bool) -> None:
+               second_image: str, row_names: tuple[str, ...], settings: tuple[str, ...], data_root: str | None,
+               jobs: int, quiet: bool) -> None:
     """Cross-validate every row of CONFIG (a preset name or a YAML file) on MANIFEST."""
+    from .config import override
     from .experiment import run_experiment
     from .presets import PRESETS, preset, second_image_of
     from .records import read_manifest
@@ -223,6 +227,12 @@ def experiment(config: str, manifest: str, out_dir: str, epochs: int | None, fol
             r.train.epochs = epochs
         if folds is not None:
             r.cv.folds = folds
+        for item in settings:
+            key, eq, value = item.partition("=")
+            if not eq:
+                raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--set")
+            override(r, key.strip(), value)
+        r.validate()
     metrics = run_experiment(m, rows, out_dir, title=f"breastfusion: {config}", command=_command_line(),
                              progress=not quiet, jobs=jobs)
     if "helper_rank" in metrics:  # torchrun: rank 0 reports

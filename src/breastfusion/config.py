@@ -305,3 +305,38 @@ def load_run_config(path: str | Path) -> RunConfig:
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"{path}: cannot read config ({exc})") from None
     return from_dict(RunConfig, data).validate()
+
+
+def override(cfg: RunConfig, key: str, value) -> RunConfig:
+    """Set one field by its dotted path (``train.lr``, ``model.us_backbone.image_size``), the
+    value parsed from YAML text when it is a string ("3e-4", "[1, 2]", "null") and checked like a
+    config file's; a missing optional section (e.g. ``model.mg_backbone``) starts as a copy of
+    ``model.backbone``. Changes `cfg` in place and returns it; validate it (`RunConfig.validate`)
+    after the last override, as several may be needed to reach a valid config."""
+    parts = key.split(".")
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{key}={value!r}: not a YAML value ({exc})") from None
+    owner = cfg
+    for name in parts[:-1]:
+        if not dataclasses.is_dataclass(owner) or name not in {f.name for f in dataclasses.fields(owner)}:
+            raise ConfigError(f"unknown config key {key}")
+        inner = getattr(owner, name)
+        if inner is None and name in ("mg_backbone", "us_backbone"):
+            inner = dataclasses.replace(owner.backbone)
+            setattr(owner, name, inner)
+        owner = inner
+    data = to_dict(owner) if dataclasses.is_dataclass(owner) else None
+    if data is None or parts[-1] not in data:
+        raise ConfigError(f"unknown config key {key}")
+    if isinstance(data[parts[-1]], float) and isinstance(value, str):
+        try:  # YAML 1.1 reads "3e-4" as text
+            value = float(value)
+        except ValueError:
+            pass
+    data[parts[-1]] = value
+    rebuilt = from_dict(type(owner), data, where=".".join(parts[:-1]) + ".")
+    setattr(owner, parts[-1], getattr(rebuilt, parts[-1]))
+    return cfg

@@ -1,0 +1,137 @@
+"""The settings search of issue 13, logged whole: every configuration tried, with its figures.
+
+Each variant is a Table 3 row (the row's meaning kept) with config overrides (``key=value``,
+as `breastfusion.config.override`). A variant is trained on the first ``--folds`` of the
+10 patient folds and judged by the **test-split** score that picks each fold's best epoch
+(macro AUC of the fold's 20% test split; never the validation fold). The validation folds'
+patient AUC is recorded beside it, for the record only: settings are chosen on the test
+splits. Every run is appended to ``bench/results/search.jsonl`` (run output, not committed)
+and ``docs/results/search.md`` is rewritten from it.
+
+    python bench/search.py --data busi --variant us-lite0-224-l3
+    python bench/search.py --data busi --variant NAME --set train.lr=1e-4 --label lr1e-4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import RESULTS, ROOT, command, quiet_logs  # noqa: E402
+
+from breastfusion.config import RunConfig, override, to_dict  # noqa: E402
+from breastfusion.evaluation.aggregate import PROBA_COLUMNS, aggregate  # noqa: E402
+from breastfusion.evaluation.metrics import macro_auc  # noqa: E402
+from breastfusion.presets import cpu_reference, table3_rows  # noqa: E402
+from breastfusion.provenance import git_commit, now  # noqa: E402
+from breastfusion.records import read_manifest  # noqa: E402
+from breastfusion.training.cv import prepare, run_fold  # noqa: E402
+
+DATA = {  # name -> (manifest under runs/public, how to make it)
+    "busi": ("busi.csv", "breastfusion public busi ../shared/datasets/BUSI -o runs/public/busi.csv"),
+    "cdd-cesm": ("cdd-cesm.csv",
+                 "breastfusion public cdd-cesm ../shared/datasets/CDD-CESM -o runs/public/cdd-cesm.csv"),
+    "mias": ("mias.csv", "breastfusion public mias ../shared/datasets/mini-MIAS -o runs/public/mias.csv"),
+    "virtual": ("virtual-cdd-busi.csv",
+                "breastfusion virtual --mg-root ../shared/datasets/CDD-CESM --busi-root ../shared/datasets/BUSI "
+                "-o runs/public/virtual-cdd-busi.csv"),
+}
+
+PARTIAL = ["train.mode=partial", "train.optimizer=adamw", "train.lr=3e-4", "train.weight_decay=1e-4",
+           "train.batch_size=32", "train.epochs=15", "train.feature_copies=3"]
+
+# name -> (Table 3 row, overrides of the frozen 128 px table3-cpu preset)
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "us-frozen-128": ("single US", []),  # the old preset, for reference
+    "us-lite0-224-l3": ("single US", [*PARTIAL, "model.backbone.image_size=224", "model.backbone.frozen=layer3"]),
+    "us-lite0-224-l2": ("single US", [*PARTIAL, "model.backbone.image_size=224", "model.backbone.frozen=layer2"]),
+    "us-lite2-260-l3": ("single US", [*PARTIAL, "model.backbone.name=efficientnet_lite2",
+                                      "model.backbone.image_size=260", "model.backbone.frozen=layer3"]),
+    "mg-frozen-128": ("single MG", []),
+    "mg-lite0-384-l3": ("single MG", [*PARTIAL, "model.backbone.image_size=384", "model.backbone.frozen=layer3"]),
+    "mg-lite0-512-l3-gem": ("single MG", [*PARTIAL, "model.backbone.image_size=512", "model.backbone.frozen=layer3",
+                                          "model.backbone.pooling=gem"]),
+}
+
+
+def row_config(variant: str, extra: list[str]) -> RunConfig:
+    row_name, edits = VARIANTS[variant]
+    (cfg,) = [r for r in table3_rows(cpu_reference(), "view") if r.name == row_name]
+    for item in [*edits, *extra]:
+        key, _, value = item.partition("=")
+        override(cfg, key, value)
+    return cfg.validate()
+
+
+def patient_macro_auc(predictions: pd.DataFrame) -> float:
+    patients = aggregate(predictions, "mean")
+    return macro_auc(patients["label"].to_numpy(int), patients[PROBA_COLUMNS].to_numpy(float))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", choices=DATA, required=True)
+    ap.add_argument("--variant", choices=VARIANTS, required=True)
+    ap.add_argument("--set", dest="sets", action="append", default=[], help="extra override key=value")
+    ap.add_argument("--label", default="", help="name of this run in the log (default: the variant)")
+    ap.add_argument("--folds", type=int, default=3, help="train the first N of the 10 folds")
+    ap.add_argument("--out", default=str(ROOT / "runs" / "search"))
+    args = ap.parse_args()
+    quiet_logs()
+    manifest_file = ROOT / "runs" / "public" / DATA[args.data][0]
+    if not manifest_file.is_file():
+        sys.exit(f"{manifest_file} missing; make it with: {DATA[args.data][1]}")
+    cfg = row_config(args.variant, args.sets)
+    label = args.label or args.variant
+    out = Path(args.out) / args.data / label
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = read_manifest(manifest_file)
+    start = time.perf_counter()
+    data = prepare(manifest, cfg, progress=False)
+    prepared = time.perf_counter() - start
+    folds = []
+    for split in data.splits[: args.folds]:
+        t0 = time.perf_counter()
+        fold_dir = out / f"fold_{split.fold}"
+        val = run_fold(data, split, cfg, fold_dir, progress=False)
+        fit = json.loads((fold_dir / "fit.json").read_text())
+        folds.append({"fold": split.fold, "test_score": fit["best_test_score"], "best_epoch": fit["best_epoch"],
+                      "val_patient_macro_auc": patient_macro_auc(val), "seconds": time.perf_counter() - t0})
+        print(f"{label} fold {split.fold}: test {fit['best_test_score']:.4f} (epoch {fit['best_epoch']}) "
+              f"val {folds[-1]['val_patient_macro_auc']:.4f} {folds[-1]['seconds']:.0f} s", flush=True)
+    entry = {"data": args.data, "label": label, "variant": args.variant, "row": cfg.name,
+             "overrides": VARIANTS[args.variant][1] + args.sets, "folds": folds,
+             "test_score": float(np.mean([f["test_score"] for f in folds])),
+             "val_patient_macro_auc": float(np.mean([f["val_patient_macro_auc"] for f in folds])),
+             "prepare_seconds": prepared, "seconds": time.perf_counter() - start,
+             "commit": git_commit(), "finished": now(), "command": command(), "config": to_dict(cfg)}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS / "search.jsonl", "a") as fh:
+        fh.write(json.dumps(entry) + "\n")
+    write_doc()
+
+
+def write_doc() -> None:
+    entries = [json.loads(line) for line in (RESULTS / "search.jsonl").read_text().splitlines() if line.strip()]
+    doc = ROOT / "docs" / "results" / "search.md"
+    head, marker = doc.read_text().split("<!-- search:log -->")[0] if doc.is_file() else "", "<!-- search:log -->"
+    lines = [marker, "", "| data | run | row | overrides of table3-cpu | folds | test-split macro AUC (selects) "
+             "| validation patient macro AUC (reported only) | time | commit |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for e in entries:
+        lines.append(f"| {e['data']} | {e['label']} | {e['row']} | {'<br>'.join(e['overrides']) or '(none)'} "
+                     f"| {len(e['folds'])} | {100 * e['test_score']:.1f} | {100 * e['val_patient_macro_auc']:.1f} "
+                     f"| {e['seconds']:.0f} s | {e['commit'][:7]} |")
+    doc.write_text(head + "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
