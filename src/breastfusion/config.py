@@ -130,6 +130,12 @@ class TrainConfig:
     batch_size: int = 16
     hflip_p: float = 0.5  # train-time augmentation (paper: random flip and rotation)
     rotation_deg: float = 15.0
+    # Acquisition-style augmentation (our choice; 0 = off): random crop/zoom (fraction of the side),
+    # gain (+-), gamma (log range) and multiplicative speckle (sd); see training/augment.py.
+    aug_zoom: float = 0.0
+    aug_gain: float = 0.0
+    aug_gamma: float = 0.0
+    aug_speckle: float = 0.0
     # cached / partial mode: augmented copies per image (features or activations), besides the plain one
     feature_copies: int = 0
     activation_dtype: str = "fp16"  # partial mode: storage of cached activation maps (fp16 | fp32)
@@ -219,6 +225,9 @@ class RunConfig:
         for key, value, low in minimums:
             if value < low:
                 problems.append(f"{key} must be at least {low}, got {value}")
+        for name in ("aug_zoom", "aug_gain", "aug_gamma", "aug_speckle"):
+            if not 0 <= getattr(t, name) < 1:
+                problems.append(f"train.{name} must be in [0, 1), got {getattr(t, name)}")
         if not (t.lr > 0):
             problems.append(f"train.lr must be positive, got {t.lr}")
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", t.device):

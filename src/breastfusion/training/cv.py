@@ -81,7 +81,7 @@ def stored_representations(cfg: RunConfig, source: ImageSource, records: list[Im
         mine = [r for r in records if r.modality is modality]
         if not mine:
             continue
-        store = FeatureStore(t.cache_dir, bb, source.cache(modality), Augment(t.hflip_p, t.rotation_deg),
+        store = FeatureStore(t.cache_dir, bb, source.cache(modality), Augment.of(t),
                              t.feature_copies, t.seed, channels_last=t.channels_last, stage=stage_of[modality],
                              dtype=t.activation_dtype)
         out.update(store.features(mine, device=device or pick_device(t.device), progress=progress))
@@ -404,7 +404,7 @@ class _Trainer:
         self.cfg, self.seed, self.device, self.progress, self.memo = cfg, seed, device, progress, memo
         self.dist = dist if dist is not None else Distributed.single(device)
         self.features, self.source = data.features, data.source
-        self.augment = Augment(cfg.train.hflip_p, cfg.train.rotation_deg)
+        self.augment = Augment.of(cfg.train)
 
     def loader(self, items: list[Instance], train: bool) -> DataLoader:
         t = self.cfg.train
