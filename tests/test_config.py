@@ -101,7 +101,7 @@ def test_demo_rows_are_us_mg_and_concat():
     assert to_dict(rows[2])["model"]["fusion"] == "concat"
 
 
-@pytest.mark.parametrize("name", ["demo", "table3", "table3-cpu"])
+@pytest.mark.parametrize("name", ["demo", "table3", "table3-cpu", "table3-cpu-partial"])
 def test_shipped_config_files_match_presets(name):
     """configs/*.yaml are the presets written out; `breastfusion experiment configs/X.yaml` runs them."""
     from pathlib import Path

@@ -150,7 +150,7 @@ def validate(manifest: str, data_root: str | None) -> None:
 @click.argument("preset_name")
 @click.option("--row", default=None, help="Only this row (by name).")
 def config_cmd(preset_name: str, row: str | None) -> None:
-    """Print the YAML of a preset's rows (demo, table3, table3-cpu)."""
+    """Print the YAML of a preset's rows (demo, table3, table3-cpu, table3-cpu-partial)."""
     from .config import to_dict
     from .presets import preset
 
