@@ -11,6 +11,7 @@ from breastfusion.experiment import run_experiment
 from breastfusion.records import read_manifest
 
 from conftest import tiny_model_config, write_tiny_cohort
+from cv_checks import check_cv_row
 
 
 def _rows(tmp_path, mode):
@@ -41,6 +42,7 @@ def test_experiment_writes_metrics_report_and_plots(tmp_path, mode):
             assert set(patient["auc"][cls]) >= {"mean", "std"}
         assert set(patient["accuracy"]) >= {"mean", "std"}
         assert sum(map(sum, patient["confusion"])) == 20  # every case validated exactly once
+        check_cv_row(out, row, manifest)  # predictions vary; metrics follow from the prediction files
     assert metrics["rows"][0]["fusion"] is None and metrics["rows"][2]["fusion"] == "concat"
     for name in ("US", "MG", "MM"):
         row_dir = out / "rows" / name
@@ -89,6 +91,9 @@ def test_refused_doppler_image_is_dropped_with_its_reason_and_the_run_goes_on(tm
     refused = json.loads((tmp_path / "run" / "rows" / "US" / "refused_images.json").read_text())
     assert list(refused) == [doppler.path] and "colour" in refused[doppler.path].lower()
     assert sum(map(sum, row["patient"]["confusion"])) == 20  # the case keeps its other US image
+    instances = check_cv_row(tmp_path / "run", row, manifest)
+    stem = doppler.path.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+    assert len(instances) == 39 and not instances["instance_id"].str.endswith(f"#{stem}").any()
 
 
 def test_plain_habib_head_row_cross_validates(tmp_path):
@@ -98,6 +103,7 @@ def test_plain_habib_head_row_cross_validates(tmp_path):
     row.model.head, row.model.arcface = "plain", False
     metrics = run_experiment(manifest, [row], tmp_path / "run", progress=False)
     assert sum(map(sum, metrics["rows"][0]["patient"]["confusion"])) == 20
+    check_cv_row(tmp_path / "run", metrics["rows"][0], manifest)
 
 
 def test_rows_share_trained_branches_without_changing_any_result(tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ from breastfusion.ingest.folder import ingest_folder, write_ingest
 from breastfusion.records import read_manifest
 
 from conftest import SHARED_DATASETS, requires_shared_datasets, tiny_model_config
+from cv_checks import check_cv_row
 from dicom_files import US_SOP, write_dicom
 
 
@@ -44,6 +45,8 @@ def test_cv_runs_on_an_ingested_dicom_archive(tmp_path):
     assert len(cases) == 15 and all(len(c.mg) == 4 and len(c.us) == 2 for c in cases.values())
     metrics = run_experiment(manifest, _rows(tmp_path), tmp_path / "run", progress=False)
     assert all(sum(map(sum, r["patient"]["confusion"])) == 15 for r in metrics["rows"])
+    for row in metrics["rows"]:
+        check_cv_row(tmp_path / "run", row, manifest)  # predictions vary; metrics follow from the files
 
 
 def test_cv_runs_on_the_virtual_cohort(tmp_path):
@@ -63,3 +66,4 @@ def test_cv_runs_on_the_virtual_cohort(tmp_path):
     metrics = run_experiment(manifest, rows, tmp_path / "run", progress=False)
     n_cases = len(manifest.cases())
     assert sum(map(sum, metrics["rows"][0]["patient"]["confusion"])) == n_cases
+    check_cv_row(tmp_path / "run", metrics["rows"][0], manifest)

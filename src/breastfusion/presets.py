@@ -47,7 +47,7 @@ def cpu_partial_reference(epochs: int = 15, copies: int = 3) -> RunConfig:
 def localisation_row(modality: str = "US", image_size: int = 224, epochs: int = 12, mode: str = "finetune",
                      head: str = "plain") -> RunConfig:
     """The single-modality recipe whose Grad-CAM localisation docs/results/explain.md measures
-    (bench/localisation.py, tests/test_gradcam_localises.py): EfficientNet-Lite0 from ImageNet,
+    (bench/localisation.py): EfficientNet-Lite0 from ImageNet,
     fine-tuned with its stem frozen ("finetune") or frozen whole ("cached"); Habib's plain head
     ("plain") or the paper's with ArcFace ("paper"); AdamW, lr 3e-4, batch 16; 4 patient folds."""
     (row,) = [r for r in demo_rows(cpu_reference(image_size=image_size, epochs=epochs, copies=1))
