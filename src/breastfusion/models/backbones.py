@@ -252,7 +252,7 @@ def _googlenet(pooling: str = "avg", gem_p: float = 3.0) -> Backbone:
 
 
 def _lite_stem(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return F.relu6(net._bn0(net._conv_stem(x)))
+    return net.stem(x)
 
 
 def _lite(name: str, pooling: str = "avg", gem_p: float = 3.0) -> Backbone:

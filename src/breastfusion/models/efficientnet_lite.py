@@ -202,8 +202,12 @@ class EfficientNetLite(nn.Module):
         layers["layer4"].append(self.head)
         return layers
 
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        """The stem: 3x3 stride-2 convolution, BatchNorm, ReLU6 (`Backbone` calls it as a step)."""
+        return F.relu6(self._bn0(self._conv_stem(x)))
+
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu6(self._bn0(self._conv_stem(x)))
+        x = self.stem(x)
         for block in self._blocks:
             x = block(x)
         return self.head(x)

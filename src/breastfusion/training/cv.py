@@ -74,16 +74,15 @@ def stored_representations(cfg: RunConfig, source: ImageSource, records: list[Im
     after the frozen stages. Computed once per modality's backbone and kept on disk (features.py).
     Returns (path -> array, refused path -> reason)."""
     t = cfg.train
-    stage_of = {m: (None if t.mode == "cached" else bb.frozen) for m, bb in cfg.model.backbones().items()}
     out: dict[str, np.ndarray] = {}
     failed: dict[str, str] = {}
     for modality, bb in cfg.model.backbones().items():
         mine = [r for r in records if r.modality is modality]
         if not mine:
             continue
-        store = FeatureStore(t.cache_dir, bb, source.cache(modality), Augment.of(t),
-                             t.feature_copies, t.seed, channels_last=t.channels_last, stage=stage_of[modality],
-                             dtype=t.activation_dtype)
+        stage = None if t.mode == "cached" else bb.frozen  # pooled features, or the frozen stages' maps
+        store = FeatureStore(t.cache_dir, bb, source.cache(modality), Augment.of(t), t.feature_copies, t.seed,
+                             channels_last=t.channels_last, stage=stage, dtype=t.activation_dtype)
         out.update(store.features(mine, device=device or pick_device(t.device), progress=progress))
         failed.update(store.failed)
     return out, failed
