@@ -27,7 +27,7 @@ from breastfusion.allocator import reuse_freed_memory
 applied = reuse_freed_memory()  # leaves glibc's defaults when BREASTFUSION_MALLOC=default
 from breastfusion.config import BackboneConfig
 from breastfusion.models.backbones import build_backbone
-from breastfusion.training.device import memory_format
+from breastfusion.inference.runtime import memory_format
 mode, size, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 torch.manual_seed(0)
 bb = build_backbone(BackboneConfig(name="efficientnet_lite0", weights="imagenet", image_size=size,

@@ -42,12 +42,12 @@ import torch
 from common import WORK, Clock, quiet_logs, record, synthetic_cohort, verdict
 
 from breastfusion.experiment import run_experiment
+from breastfusion.inference.images import image_source, screen
+from breastfusion.inference.instances import build_instances
+from breastfusion.inference.runtime import memory_format, tensor_to
 from breastfusion.predict.bundle import export_bundle, load_bundle
 from breastfusion.predict.run import predict
 from breastfusion.presets import cpu_reference, demo_rows
-from breastfusion.training.cv import image_source, screen
-from breastfusion.training.device import memory_format, tensor_to
-from breastfusion.training.instances import build_instances
 from breastfusion.vocab import Modality
 
 BATCH = 32  # images per backbone call, as FeatureBank

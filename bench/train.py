@@ -29,10 +29,10 @@ import copy
 import torch
 from common import WORK, Clock, quiet_logs, record, synthetic_cohort, verdict
 
+from breastfusion.inference.runtime import memory_format, pick_device, to_device
 from breastfusion.presets import cpu_reference, demo_rows
 from breastfusion.training.cv import _Trainer, prepare
-from breastfusion.training.device import memory_format, to_device
-from breastfusion.training.loop import fit, pick_device
+from breastfusion.training.loop import fit
 
 
 def config(size: int, batch: int, workers: int, mode: str):

@@ -3,13 +3,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from breastfusion.config import BackboneConfig
+from breastfusion.inference.instances import build_instances
 from breastfusion.models.network import BreastFusionNet, HeadOnly
 from breastfusion.preprocess.pipeline import ImageSource, PreprocessCache, Preprocessor
 from breastfusion.records import read_manifest
 from breastfusion.training.augment import Augment
 from breastfusion.training.data import FeatureInstances, ImageInstances
 from breastfusion.training.features import FeatureStore
-from breastfusion.training.instances import build_instances
 from breastfusion.vocab import Modality
 
 from conftest import tiny_model_config, write_tiny_cohort

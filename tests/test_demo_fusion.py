@@ -18,10 +18,11 @@ from breastfusion.evaluation.aggregate import PROBA_COLUMNS
 from breastfusion.evaluation.metrics import macro_auc
 from breastfusion.experiment import row_dirname, run_experiment
 from breastfusion.explain.folds import shuffle_weights
+from breastfusion.inference.layout import MODEL_FILE
 from breastfusion.models.weights import load_into
 from breastfusion.presets import cpu_reference, demo_rows
 from breastfusion.records import read_manifest
-from breastfusion.training.cv import MODEL_FILE, _Trainer, fold_seed, prepare
+from breastfusion.training.cv import _Trainer, fold_seed, prepare
 
 
 def training_auc(row, data, split, fold_dir, perturb=None) -> float:

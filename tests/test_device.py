@@ -10,10 +10,11 @@ from torch.utils.data import DataLoader
 
 from breastfusion.config import BackboneConfig, RunConfig, TrainConfig, from_dict
 from breastfusion.errors import ConfigError
+from breastfusion.inference import runtime as dev
+from breastfusion.inference.runtime import pick_device
 from breastfusion.models.network import BreastFusionNet
 from breastfusion.models.weights import save_weights
-from breastfusion.training import device as dev
-from breastfusion.training.loop import class_weights, fit, loss_of, pick_device, predict_logits
+from breastfusion.training.loop import class_weights, fit, loss_of, predict_logits
 
 from conftest import tiny_model_config
 
@@ -141,7 +142,7 @@ def test_compile_failure_warns_and_returns_the_model(monkeypatch, caplog):
         raise RuntimeError("no compiler here")
 
     monkeypatch.setattr(torch, "compile", refuse)
-    with caplog.at_level(logging.WARNING, logger="breastfusion.training.device"):
+    with caplog.at_level(logging.WARNING, logger="breastfusion.inference.runtime"):
         assert dev.maybe_compile(model, True) is model
     assert "no compiler here" in caplog.text
 
@@ -158,7 +159,7 @@ def test_compile_failure_warns_and_returns_the_model(monkeypatch, caplog):
     caplog.clear()
     x = torch.randn(3, 4)
     forward = dev.maybe_compile(model, True)
-    with caplog.at_level(logging.WARNING, logger="breastfusion.training.device"):
+    with caplog.at_level(logging.WARNING, logger="breastfusion.inference.runtime"):
         torch.testing.assert_close(forward(x), model(x))
         torch.testing.assert_close(forward(x), model(x))
     assert len(calls) == 1 and caplog.text.count("backend failed") == 1

@@ -11,11 +11,11 @@ import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, Dataset
 
 from breastfusion.config import TrainConfig
+from breastfusion.inference.instances import Instance
 from breastfusion.models.network import HeadOnly, build_head
 from breastfusion.records import ImageRecord
 from breastfusion.training.data import FeatureInstances
 from breastfusion.training.distributed import Distributed, distributed_eval_loader, distributed_loader
-from breastfusion.training.instances import Instance
 from breastfusion.training.loop import fit, predict_logits
 from breastfusion.vocab import LABELS, Modality, Side
 

@@ -12,13 +12,16 @@ from breastfusion.config import BackboneConfig, CVConfig, RunConfig, TrainConfig
 from breastfusion.errors import WeightsError
 from breastfusion.experiment import run_experiment
 from breastfusion.explain.gradcam import explain_instance
+from breastfusion.inference.batches import instance_batch
+from breastfusion.inference.images import image_source
+from breastfusion.inference.instances import build_instances
+from breastfusion.inference.layout import MODEL_FILE, fold_dirs
+from breastfusion.inference.networks import trained_net
+from breastfusion.inference.runtime import pick_device
 from breastfusion.models.weights import read_state_dict
-from breastfusion.predict.bundle import export_bundle, fold_dirs, load_bundle, trained_net
-from breastfusion.predict.run import ensemble_logits, instance_batch, naive_probabilities, predict, write_prediction
+from breastfusion.predict.bundle import export_bundle, load_bundle
+from breastfusion.predict.run import ensemble_logits, naive_probabilities, predict, write_prediction
 from breastfusion.records import read_manifest
-from breastfusion.training.cv import MODEL_FILE, image_source
-from breastfusion.training.instances import build_instances
-from breastfusion.training.loop import pick_device
 
 from conftest import tiny_model_config, write_tiny_cohort
 

@@ -19,12 +19,19 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from ..config import load_run_config
+from ..datasets.busi import busi_masks
+from ..datasets.mias import mias_lesions
+from ..files import atomic_path
+from ..inference.batches import instance_batch
+from ..inference.images import image_source
+from ..inference.instances import build_instances
+from ..inference.layout import CONFIG_FILE, MODEL_FILE, PREDICTIONS_FILE, fold_dirs
+from ..inference.networks import trained_net
 from ..models.weights import read_state_dict
 from ..records import Manifest
-from ..training.cv import MODEL_FILE
-from ..training.instances import build_instances
 from ..vocab import Label, Modality
 from .gradcam import ABNORMAL, explain_instance
 from .localisation import Score, circle_mask, score, to_model_space
@@ -34,8 +41,6 @@ LesionSource = Callable[[str, tuple[int, int]], np.ndarray | None]  # (image pat
 
 def busi_lesions() -> LesionSource:
     """BUSI: the union of an image's mask files (None when it has none or they are empty)."""
-    from ..datasets.busi import busi_masks
-
     def masks(path: str, shape: tuple[int, int]) -> np.ndarray | None:
         union = np.zeros(shape, dtype=bool)
         for file in busi_masks(path):
@@ -50,8 +55,6 @@ def busi_lesions() -> LesionSource:
 
 def mias_circles(root: str | os.PathLike) -> LesionSource:
     """mini-MIAS: the union of an image's lesion circles from Info.txt."""
-    from ..datasets.mias import mias_lesions
-
     table = {str(Path(k).resolve()): v for k, v in mias_lesions(root).items()}
 
     def masks(path: str, shape: tuple[int, int]) -> np.ndarray | None:
@@ -113,14 +116,8 @@ def explain_row(row_dir: str | os.PathLike, manifest: Manifest, modality: Modali
     `shuffle_weights` for the model-randomisation sanity check (Adebayo et al. 2018).
     `target`: "true" explains the image's true class, "abnormal" the evidence against normal
     (gradcam.ABNORMAL). `align`: see gradcam.explain_instance."""
-    from tqdm import tqdm
-
-    from ..predict.bundle import fold_dirs, trained_net
-    from ..predict.run import instance_batch
-    from ..training.cv import image_source
-
     row_dir = Path(row_dir)
-    cfg = load_run_config(row_dir / "config.yaml")
+    cfg = load_run_config(row_dir / CONFIG_FILE)
     size = cfg.model.backbone_for(modality).image_size
     source = image_source(cfg)
     pre = source.preprocessor(modality)
@@ -133,7 +130,7 @@ def explain_row(row_dir: str | os.PathLike, manifest: Manifest, modality: Modali
         net = trained_net(cfg, read_state_dict(fold_dir / MODEL_FILE), backbones_from_config=True)
         if perturb is not None:
             perturb(net)
-        val = pd.read_csv(fold_dir / "predictions.csv")
+        val = pd.read_csv(fold_dir / PREDICTIONS_FILE)
         for iid in val["instance_id"]:
             inst = by_id.get(iid)
             if inst is None or inst.label is Label.NORMAL:
@@ -170,8 +167,6 @@ def examples_figure(items: list[Explained], path: str | os.PathLike, n: int = 4)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from ..files import atomic_path
 
     ranked = sorted((e for e in items if not np.isnan(e.score.energy)), key=lambda e: -e.score.energy)
     chosen = [("good", e) for e in ranked[:n]] + [("bad", e) for e in ranked[::-1][:n]]

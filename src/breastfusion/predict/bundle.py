@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 
 from .. import __version__
-from ..config import ModelConfig, RunConfig, load_run_config, save_yaml
+from ..config import RunConfig, load_run_config, save_yaml
 from ..errors import WeightsError
 from ..evaluation.aggregate import PROBA_COLUMNS
 from ..evaluation.calibration import (
@@ -45,73 +45,30 @@ from ..evaluation.calibration import (
     softmax,
 )
 from ..files import sha256_file, write_text
-from ..models.backbones import Backbone, build_backbone
+from ..inference.layout import CONFIG_FILE, MODEL_FILE, TEST_PREDICTIONS_FILE, fold_dirs
+from ..inference.networks import trained_net, untrained
+from ..inference.runtime import has_conv2d
+from ..models.backbones import build_backbone
 from ..models.network import BreastFusionNet
 from ..models.weights import read_state_dict, save_weights
 from ..provenance import now
-from ..training.cv import MODEL_FILE
-from ..training.device import has_conv2d
-from ..vocab import CLASS_NAMES, Modality
+from ..vocab import CLASS_NAMES
 
 FORMAT = 1
 BUNDLE_FILE = "bundle.json"
 
 
-def fold_dirs(row_dir: str | os.PathLike) -> list[Path]:
-    """The completed folds of a row (those with weights and predictions), in fold order."""
-    folds = Path(row_dir) / "folds"
-    done = [d for d in folds.glob("fold_*") if (d / MODEL_FILE).is_file() and (d / "predictions.csv").is_file()]
-    return sorted(done, key=lambda d: int(d.name.split("_")[1]))
-
-
-def trained_net(cfg: RunConfig, state: dict[str, torch.Tensor], backbones_from_config: bool,
-                backbones: dict[Modality, Backbone] | None = None) -> BreastFusionNet:
-    """A network with trained weights. A cached-feature fold saved only its head: the
-    backbones then come from the config's pretrained weights (`backbones_from_config`).
-    `backbones` passes backbone modules to share between networks (loaded from `state` too)."""
-    model_cfg = cfg.model if backbones_from_config else untrained(cfg.model)
-    given = dict(backbones or {})
-    for m in model_cfg.modality_set:
-        if m not in given:
-            given[m] = build_backbone(model_cfg.backbone_for(m))
-    net = BreastFusionNet(model_cfg, given)
-    own = net.state_dict()
-    backbone_keys = ("mg_backbone.", "us_backbone.")
-    missing = [k for k in own if k not in state and not (backbones_from_config and k.startswith(backbone_keys))]
-    unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
-        first = (missing or unexpected)[0]
-        raise WeightsError(f"weights do not fit the configured network ({len(missing)} missing, "
-                           f"{len(unexpected)} unexpected tensors; first: {first})")
-    try:
-        net.load_state_dict(state, strict=not backbones_from_config)
-    except RuntimeError as exc:
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-        detail = next((ln for ln in lines if "size mismatch" in ln or "Missing" in ln or "Unexpected" in ln), lines[0])
-        raise WeightsError(f"weights do not fit the configured network ({detail[:200]})") from None
-    return net.eval()
-
-
-def untrained(model_cfg: ModelConfig) -> ModelConfig:
-    """The model config with every backbone's pretrained weights replaced by "none" (the
-    weights come from a saved state instead)."""
-    def none(bb):
-        return None if bb is None else dataclasses.replace(bb, weights="none")
-    return dataclasses.replace(model_cfg, backbone=none(model_cfg.backbone), mg_backbone=none(model_cfg.mg_backbone),
-                               us_backbone=none(model_cfg.us_backbone))
-
-
 def export_bundle(row_dir: str | os.PathLike, out_dir: str | os.PathLike,
                   target_malignant_sensitivity: float = 0.95, target_normal_specificity: float = 0.95) -> Path:
     row_dir, out = Path(row_dir), Path(out_dir)
-    cfg = load_run_config(row_dir / "config.yaml")
+    cfg = load_run_config(row_dir / CONFIG_FILE)
     folds = fold_dirs(row_dir)
     if not folds:
         raise WeightsError(f"{row_dir}: no completed fold with saved weights ({MODEL_FILE}); "
                            "rerun the experiment with this version of breastfusion")
     temperatures, pooled, states = [], [], []
     for fold_dir in folds:
-        test_file = fold_dir / "test_predictions.csv"
+        test_file = fold_dir / TEST_PREDICTIONS_FILE
         if not test_file.is_file():
             raise WeightsError(f"{test_file}: missing (calibration needs each fold's test-split logits); "
                                "rerun the experiment to complete the fold")

@@ -34,22 +34,23 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import default_collate
 from tqdm import tqdm
 
+from ..config import TrainConfig
 from ..errors import CohortError
 from ..evaluation.aggregate import PROBA_COLUMNS, aggregate
 from ..evaluation.calibration import decide
 from ..explain.gradcam import explain_instance
 from ..files import atomic_path, safe_name, write_text
+from ..inference.batches import instance_batch
+from ..inference.encode import trained_features, trained_part
+from ..inference.images import image_source, screen, without_failed
+from ..inference.instances import Instance, build_instances
+from ..inference.runtime import memory_format, pick_device, tensor_to
 from ..models.backbones import Backbone
 from ..models.network import FusionHead
 from ..preprocess.pipeline import ImageSource
 from ..records import ImageRecord, Manifest
-from ..training.cv import image_source, screen, without_failed
-from ..training.data import ImageInstances
-from ..training.device import autocast, memory_format, pick_device, tensor_to
-from ..training.instances import Instance, build_instances
 from ..vocab import CLASS_NAMES, Modality
 from .bundle import Bundle
 from .html import ImagePanel, InstanceRow, PatientResult, overlay_png, write_patient_report, write_worklist
@@ -57,12 +58,12 @@ from .html import ImagePanel, InstanceRow, PatientResult, overlay_png, write_pat
 
 class FeatureBank:
     """Backbone features of images, computed once per (backbone module, image), in the
-    arithmetic the model was trained with (`precision`, `channels_last`: TrainConfig)."""
+    arithmetic the model was trained with (`inference.encode.trained_features`; memory layout
+    as `train.channels_last`)."""
 
-    def __init__(self, source: ImageSource, device: torch.device, batch_size: int = 32,
-                 precision: str = "fp32", channels_last: bool = False):
+    def __init__(self, source: ImageSource, device: torch.device, train: TrainConfig, batch_size: int = 32):
         self.source, self.device, self.batch_size = source, device, batch_size
-        self.precision, self.channels_last = precision, channels_last
+        self.train, self.channels_last = train, train.channels_last
         self._store: dict[tuple[int, str], torch.Tensor] = {}
 
     def encode(self, backbone: Backbone, records: list[ImageRecord]) -> None:
@@ -80,8 +81,7 @@ class FeatureBank:
                 if k + 1 < len(chunks):
                     pending = reader.submit(self._images, chunks[k + 1], cl)
                 batch = tensor_to(images, self.device, cl)
-                with autocast(self.device, self.precision):
-                    feats = backbone(batch).float().cpu()
+                feats = trained_features(backbone, batch, self.train).cpu()
                 for rec, feat in zip(chunk, feats, strict=True):
                     self._store[(id(backbone), rec.path)] = feat
 
@@ -131,7 +131,7 @@ def ensemble_logits(bundle: Bundle, items: list[Instance], source: ImageSource,
                     device: torch.device) -> list[np.ndarray]:
     """(N, 3) logits per fold network, MG-once through a shared FeatureBank."""
     train = bundle.config.train
-    bank = FeatureBank(source, device, precision=train.precision, channels_last=train.channels_last)
+    bank = FeatureBank(source, device, train)
     out = []
     with contextlib.ExitStack() as layouts:  # every net in its layout once, not per backbone call
         for net in bundle.nets:
@@ -144,14 +144,9 @@ def ensemble_logits(bundle: Bundle, items: list[Instance], source: ImageSource,
                 records = [r for inst in items for r in (inst.mg if m is Modality.MG else (inst.us,))
                            if r is not None]
                 bank.encode(net.backbone(m), records)
-            with torch.no_grad():
+            with torch.no_grad(), trained_part(device, train):
                 out.append(net.head(**head_inputs(net, bank, items, device)).logits.float().cpu().numpy())
     return out
-
-
-def instance_batch(inst: Instance, source: ImageSource) -> dict[str, torch.Tensor]:
-    """One instance's images as a batch of one: exactly what fine-tune training feeds."""
-    return default_collate([ImageInstances([inst], source, train=False)[0]])
 
 
 @dataclass

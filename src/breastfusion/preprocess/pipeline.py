@@ -40,6 +40,7 @@ import numpy as np
 
 from ..errors import InputImageError
 from ..files import save_npy, sha256_file, write_text
+from ..ingest import pixels
 from ..vocab import Modality, Side
 from .images import pad_to_square, read_grey, resize
 from .mammo import CropInfo, MammoCrop, crop_breast_mask, orient_info
@@ -49,29 +50,9 @@ FORMAT = 1  # bump when the processing changes in a way the parameters do not sh
 
 
 def read_rgb(path: str | os.PathLike) -> np.ndarray | None:
-    """(H, W, 3) float32 in [0, 1] of a colour file, None for a grey one.
-
-    Uses `breastfusion.ingest.pixels.read_rgb` (DICOM and image files); falls
-    back to Pillow for image files when that is not importable.
-    """
-    try:
-        from ..ingest.pixels import read_rgb as ingest_read_rgb
-    except ImportError:
-        ingest_read_rgb = None
-    if ingest_read_rgb is not None:
-        return ingest_read_rgb(path)
-    from PIL import Image
-
-
-    try:
-        with Image.open(path) as img:
-            if img.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "F"):
-                return None
-            rgb = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
-    except OSError as exc:
-        raise InputImageError(f"{path}: cannot read ({type(exc).__name__}: {exc})") from exc
-    spread = np.ptp(rgb, axis=-1)
-    return rgb if spread.size and float(spread.max()) > 0.03 else None
+    """(H, W, 3) float32 in [0, 1] of a colour file (DICOM or image), None for a grey one
+    (`breastfusion.ingest.pixels.read_rgb`)."""
+    return pixels.read_rgb(path)
 
 
 @dataclass(frozen=True)

@@ -25,21 +25,23 @@ from tqdm import tqdm
 
 from .. import allocator
 from ..config import ModelConfig, RunConfig, to_dict
-from ..errors import BreastFusionError, CohortError, InputImageError, WeightsError
+from ..errors import BreastFusionError, CohortError, WeightsError
 from ..evaluation.aggregate import LOGIT_COLUMNS, PROBA_COLUMNS
 from ..files import atomic_path, write_text
+from ..inference import layout
+from ..inference.images import image_source, screen, without_failed
+from ..inference.instances import Instance, build_instances
+from ..inference.runtime import loader_kwargs, pick_device
 from ..models.network import BreastFusionNet, HeadOnly, build_head, feature_dims, transfer_branch
 from ..models.weights import load_into, save_weights
-from ..preprocess.pipeline import ImageSource, Preprocessor
+from ..preprocess.pipeline import ImageSource
 from ..records import ImageRecord, Manifest
 from ..vocab import Modality
 from .augment import Augment
 from .data import FeatureInstances, ImageInstances
-from .device import loader_kwargs
 from .distributed import Distributed
 from .features import FeatureStore
-from .instances import Instance, build_instances
-from .loop import FitResult, fit, pick_device, predict_logits, probabilities
+from .loop import FitResult, fit, predict_logits, probabilities
 from .splits import FoldSplit, assign_folds, make_splits
 
 log = logging.getLogger(__name__)
@@ -56,15 +58,6 @@ class CVData:
     failed: dict[str, str] = field(default_factory=dict)  # image path -> why preprocessing refused it
     # cached mode: path -> (1 + copies, D) features; partial mode: path -> (1 + copies, C, H, W) activations
     features: dict[str, np.ndarray] | None = None
-
-
-def image_source(cfg: RunConfig, cache_dir: str | os.PathLike | None = None) -> ImageSource:
-    """The preprocessed images a config's model sees, each modality at its backbone's input
-    size (cached in `cache_dir`, default the config's)."""
-    p = cfg.preprocess
-    pre = Preprocessor(enabled=p.enabled, chest_wall=p.chest_wall, colour=p.colour)
-    sizes = {m: bb.image_size for m, bb in cfg.model.backbones().items()}
-    return ImageSource.sized(cache_dir or cfg.train.cache_dir, pre, sizes)
 
 
 def stored_representations(cfg: RunConfig, source: ImageSource, records: list[ImageRecord],
@@ -114,34 +107,6 @@ def prepare(manifest: Manifest, cfg: RunConfig, progress: bool = True) -> CVData
     return CVData(instances, splits, skipped, source, failed, features)
 
 
-def screen(records: list[ImageRecord], source: ImageSource, progress: bool = True) -> dict[str, str]:
-    """Preprocess every image once (filling the cache); return the refused ones with their reasons."""
-    failed = {}
-    for rec in tqdm(records, desc="preprocess", unit="img", disable=not progress, leave=False):
-        try:
-            source.ensure(rec.path, rec.modality, rec.side)
-        except InputImageError as exc:
-            failed[rec.path] = str(exc)
-    return failed
-
-
-def without_failed(instances: list[Instance], failed: dict[str, str], skipped: Counter) -> list[Instance]:
-    """Drop instances whose US image was refused; mask refused MG views (drop if none is left)."""
-    if not failed:
-        return instances
-    out = []
-    for inst in instances:
-        if inst.us is not None and inst.us.path in failed:
-            skipped["instance: US image refused by preprocessing"] += 1
-            continue
-        mg = tuple(None if r is not None and r.path in failed else r for r in inst.mg)
-        if inst.mg and not any(mg):
-            skipped["instance: every MG image refused by preprocessing"] += 1
-            continue
-        out.append(dataclasses.replace(inst, mg=mg))
-    return out
-
-
 def fold_seed(cfg: RunConfig, fold: int) -> int:
     return cfg.train.seed * 1000 + fold
 
@@ -175,7 +140,7 @@ def cross_validate(manifest: Manifest, cfg: RunConfig, out_dir: str | os.PathLik
         out_dir.mkdir(parents=True, exist_ok=True)
         write_text(out_dir / "refused_images.json", json.dumps(data.failed, indent=1))
     todo = dist.broadcast_object(  # the main rank's view of what is done
-        [s for s in data.splits if not (_fold_dir(out_dir, s) / "predictions.csv").is_file()])
+        [s for s in data.splits if not (_fold_dir(out_dir, s) / layout.PREDICTIONS_FILE).is_file()])
     if dist.enabled:
         for split in todo:
             run_fold(data, split, cfg, _fold_dir(out_dir, split), progress, memo, dist=dist)
@@ -185,12 +150,12 @@ def cross_validate(manifest: Manifest, cfg: RunConfig, out_dir: str | os.PathLik
     else:
         for split in todo:
             run_fold(data, split, cfg, _fold_dir(out_dir, split), progress, memo)
-    frames = [pd.read_csv(_fold_dir(out_dir, s) / "predictions.csv") for s in data.splits]
+    frames = [pd.read_csv(_fold_dir(out_dir, s) / layout.PREDICTIONS_FILE) for s in data.splits]
     return CVResult(pd.concat(frames, ignore_index=True), data)
 
 
 def _fold_dir(out_dir: Path, split: FoldSplit) -> Path:
-    return out_dir / "folds" / f"fold_{split.fold}"
+    return layout.fold_dir(out_dir, split.fold)
 
 
 def fold_devices(jobs: int) -> list[str]:
@@ -297,16 +262,14 @@ def run_fold(data: CVData, split: FoldSplit, cfg: RunConfig, fold_dir: Path, pro
             "n_instances": {"train": len(train), "test": len(test), "val": len(val)},
             "resumed_after_epoch": result.resumed_after_epoch,
             "history": result.history}
-    write_text(fold_dir / "fit.json", json.dumps(info, indent=1))
-    save_weights(model, fold_dir / MODEL_FILE)
-    with atomic_path(fold_dir / "test_predictions.csv") as tmp:  # for calibration and operating points
+    write_text(fold_dir / layout.FIT_FILE, json.dumps(info, indent=1))
+    save_weights(model, fold_dir / layout.MODEL_FILE)
+    with atomic_path(fold_dir / layout.TEST_PREDICTIONS_FILE) as tmp:  # for calibration and operating points
         test_rows.to_csv(tmp, index=False)
-    with atomic_path(fold_dir / "predictions.csv") as tmp:  # written last: its presence marks the fold done
+    with atomic_path(fold_dir / layout.PREDICTIONS_FILE) as tmp:  # written last: its presence marks the fold done
         rows.to_csv(tmp, index=False)
     return rows
 
-
-MODEL_FILE = "model.safetensors"
 
 
 def _prediction_table(logits: np.ndarray, index: np.ndarray, items: list[Instance], fold: int) -> pd.DataFrame:

@@ -16,11 +16,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..inference.batches import common_item, image_item
+from ..inference.instances import Instance
 from ..preprocess.pipeline import ImageSource
-from ..records import ImageRecord
-from ..vocab import Modality
 from .augment import Augment
-from .instances import Instance
 
 
 def item_rng(seed: int, epoch: int, index: int, salt: str = "") -> np.random.Generator:
@@ -44,12 +43,7 @@ class _InstanceDataset(Dataset):
         return len(self.instances)
 
     def _common(self, index: int) -> dict[str, torch.Tensor]:
-        inst = self.instances[index]
-        item = {"index": torch.tensor(index),
-                "label": torch.tensor(inst.label.index if inst.label is not None else -1)}
-        if self.uses_mg:
-            item["mg_mask"] = torch.tensor(inst.mg_mask, dtype=torch.bool)
-        return item
+        return common_item(self.instances[index], index)
 
 
 class ImageInstances(_InstanceDataset):
@@ -61,22 +55,9 @@ class ImageInstances(_InstanceDataset):
         self.source = source
         self.augment = augment if train else None
 
-    def _image(self, rec: ImageRecord | None, rng: np.random.Generator) -> torch.Tensor:
-        if rec is None:  # a missing MG view
-            size = self.source.size(Modality.MG)
-            return torch.zeros(1, size, size)
-        img = torch.from_numpy(self.source.get(rec.path, rec.modality, rec.side)).unsqueeze(0)
-        return self.augment(img, rng) if self.augment is not None else img
-
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        inst = self.instances[index]
         rng = item_rng(self.seed, self.epoch, index)
-        item = self._common(index)
-        if self.uses_mg:
-            item["mg"] = torch.stack([self._image(r, rng) for r in inst.mg])
-        if self.uses_us:
-            item["us"] = self._image(inst.us, rng)
-        return item
+        return image_item(self.instances[index], self.source, index, self.augment, rng)
 
 
 class FeatureInstances(_InstanceDataset):

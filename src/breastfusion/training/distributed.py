@@ -59,7 +59,7 @@ import torch.distributed as tdist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .device import pick_device
+from ..inference.runtime import pick_device
 
 log = logging.getLogger(__name__)
 

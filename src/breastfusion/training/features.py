@@ -41,12 +41,13 @@ from tqdm import tqdm
 from ..config import BackboneConfig
 from ..errors import InputImageError, WeightsError
 from ..files import save_npy, sha256_file
-from ..models.backbones import Backbone, imagenet_weights_path
+from ..inference.encode import storage_dtype, stored_features
+from ..inference.runtime import memory_format, tensor_to
+from ..models.backbones import Backbone, build_backbone, imagenet_weights_path
 from ..preprocess.pipeline import PreprocessCache
 from ..records import ImageRecord
 from .augment import Augment
 from .data import item_rng
-from .device import memory_format, tensor_to
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,8 @@ class FeatureStore:
             backbone_cfg, source, augment, copies, seed)
         self.channels_last = channels_last
         self.stage = stage
-        self.dtype = np.float16 if stage is not None and dtype == "fp16" else np.float32
+        self.dtype_name = dtype if stage is not None else "fp32"  # pooled features: always fp32
+        self.dtype = np.float16 if self.dtype_name == "fp16" else np.float32
         self.failed: dict[str, str] = {}  # path -> why preprocessing refused it
         self.key = {
             "backbone": backbone_cfg.name,
@@ -110,8 +112,6 @@ class FeatureStore:
         missing = [r for r in unique if loaded.get(r.path) is None]
         if missing:
             if backbone is None:
-                from ..models.backbones import build_backbone
-
                 backbone = build_backbone(self.backbone_cfg)  # pooling and frozen stages as configured
             self._compute(missing, backbone, batch_size, device, progress)
             for rec in missing:
@@ -164,8 +164,8 @@ class FeatureStore:
                 owners.append(rec)
             if images:
                 batch = tensor_to(torch.stack(images), torch.device(device), channels_last)
-                out = backbone(batch) if self.stage is None else backbone.trunk(batch, self.stage)
-                feats = out.float().cpu().numpy().astype(self.dtype, copy=False)
+                out = stored_features(backbone, batch, self.stage)
+                feats = out.cpu().to(storage_dtype(self.dtype_name)).numpy()
                 for i, rec in enumerate(owners):
                     save_npy(self._file(rec), feats[i * (1 + self.copies):(i + 1) * (1 + self.copies)], self.dtype)
                     self.computed += 1

@@ -24,10 +24,9 @@ from tqdm import tqdm
 from ..config import TrainConfig
 from ..evaluation.metrics import macro_auc
 from ..files import atomic_path
+from ..inference.runtime import autocast, maybe_compile, memory_format, to_device
 from ..models.network import NetOutput
 from ..vocab import N_CLASSES
-from .device import autocast, maybe_compile, memory_format, to_device
-from .device import pick_device as pick_device  # re-exported: other modules import it from here
 from .distributed import Distributed, distributed_eval_loader, distributed_loader, is_sharded, replicate
 
 log = logging.getLogger(__name__)

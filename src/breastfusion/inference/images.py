@@ -1,0 +1,58 @@
+"""The images a model sees: preprocessed at each modality's input size, and screened.
+
+Training, prediction and explanation read images the same way: through an `ImageSource`
+(preprocessing cache per modality, see preprocess/pipeline.py) built from the run config,
+after `screen` has preprocessed each image once and set aside the ones preprocessing
+refuses (`without_failed` then drops or masks them in the instances).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections import Counter
+
+from tqdm import tqdm
+
+from ..config import RunConfig
+from ..errors import InputImageError
+from ..preprocess.pipeline import ImageSource, Preprocessor
+from ..records import ImageRecord
+from .instances import Instance
+
+
+def image_source(cfg: RunConfig, cache_dir: str | os.PathLike | None = None) -> ImageSource:
+    """The preprocessed images a config's model sees, each modality at its backbone's input
+    size (cached in `cache_dir`, default the config's)."""
+    p = cfg.preprocess
+    pre = Preprocessor(enabled=p.enabled, chest_wall=p.chest_wall, colour=p.colour)
+    sizes = {m: bb.image_size for m, bb in cfg.model.backbones().items()}
+    return ImageSource.sized(cache_dir or cfg.train.cache_dir, pre, sizes)
+
+
+def screen(records: list[ImageRecord], source: ImageSource, progress: bool = True) -> dict[str, str]:
+    """Preprocess every image once (filling the cache); return the refused ones with their reasons."""
+    failed = {}
+    for rec in tqdm(records, desc="preprocess", unit="img", disable=not progress, leave=False):
+        try:
+            source.ensure(rec.path, rec.modality, rec.side)
+        except InputImageError as exc:
+            failed[rec.path] = str(exc)
+    return failed
+
+
+def without_failed(instances: list[Instance], failed: dict[str, str], skipped: Counter) -> list[Instance]:
+    """Drop instances whose US image was refused; mask refused MG views (drop if none is left)."""
+    if not failed:
+        return instances
+    out = []
+    for inst in instances:
+        if inst.us is not None and inst.us.path in failed:
+            skipped["instance: US image refused by preprocessing"] += 1
+            continue
+        mg = tuple(None if r is not None and r.path in failed else r for r in inst.mg)
+        if inst.mg and not any(mg):
+            skipped["instance: every MG image refused by preprocessing"] += 1
+            continue
+        out.append(dataclasses.replace(inst, mg=mg))
+    return out
