@@ -10,11 +10,11 @@ import os
 import re
 import shutil
 import subprocess
-from html import escape
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+import markupsafe
 import numpy as np
 import pytest
 from PIL import Image
@@ -232,7 +232,7 @@ def test_offline_check_catches_external_resources():
         with pytest.raises(AssertionError):
             _assert_offline_html(good.replace("</body>", bad + "</body>"))
     with pytest.raises(AssertionError):
-        _assert_offline_html(good.replace(escape(CSP), "default-src *"))
+        _assert_offline_html(good.replace(str(markupsafe.escape(CSP)), "default-src *"))
 
 
 def test_text_from_data_is_escaped():
@@ -252,6 +252,20 @@ def test_text_from_data_is_escaped():
     assert len(dom.find("img")) == 5  # the injected <img> stays text
     assert dom.text(dom.find(id="case-id")[0]) == nasty  # and reads back as the original text
     _assert_offline_html(text)
+
+
+def test_script_in_a_patient_id_or_file_name_is_text(tmp_path):
+    """The templates autoescape: a patient id or an image file name holding <script> is shown as text."""
+    case = "<script>alert('id')</script>:L"
+    result = _result(case_id=case, us_image="<script>alert('file')</script>.png")
+    result.panels[0].title = "US <script>alert('panel')</script>.png"
+    path = write_patient_report(result, MODEL_INFO, tmp_path / "r.html")
+    _, worklist = write_worklist([result], MODEL_INFO, tmp_path, {case: "r.html"})
+    for text in (path.read_text(encoding="utf-8"), worklist.read_text(encoding="utf-8")):
+        assert "<script" not in text.lower() and "&lt;script&gt;alert(" in text
+        assert not _Dom(text).find("script")
+    dom = _Dom(path.read_text(encoding="utf-8"))
+    assert dom.text(dom.find(id="case-id")[0]) == case
 
 
 def test_worklist_escapes_case_ids(tmp_path):
@@ -419,7 +433,7 @@ def test_chromium_netlog_sees_a_page_request(chromium, tmp_path):
     """Control for the offline check: the same report with its CSP removed and one external image
     added makes Chromium start a request (which fails offline), and `_page_requests` reports it."""
     text = patient_report_html(_result(), MODEL_INFO)
-    text = text.replace(f'<meta http-equiv="Content-Security-Policy" content="{escape(CSP)}">', "")
+    text = text.replace(f'<meta http-equiv="Content-Security-Policy" content="{markupsafe.escape(CSP)}">', "")
     assert "Content-Security-Policy" not in text
     page = tmp_path / "leaky.html"
     page.write_text(text.replace("</body>", '<img src="http://breastfusion.invalid/leak.png"></body>'),

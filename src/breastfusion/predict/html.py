@@ -6,22 +6,24 @@ Content-Security-Policy meta tag forbids every network request (`default-src 'no
 so opening a report never contacts a server. The only links are the worklist's
 relative links to the patients' report files.
 
-Every text value that comes from data (case ids, file names, warnings, model info)
-is escaped with `html.escape`.
+The pages are rendered from Jinja2 templates (predict/templates/) with autoescaping:
+every text value that comes from data (case ids, file names, warnings, model info) is
+escaped; no HTML is assembled from strings here.
 """
 
 from __future__ import annotations
 
 import base64
 import csv
+import functools
 import io
 import math
 import os
 from dataclasses import dataclass, field
-from html import escape
 from pathlib import Path, PureWindowsPath
 from urllib.parse import quote
 
+import jinja2
 import numpy as np
 from PIL import Image
 
@@ -143,125 +145,30 @@ def _classes(*probability_dicts: dict[str, float]) -> list[str]:
     return [*CLASS_NAMES, *extra]
 
 
-def _e(text: object) -> str:
-    return escape(str(text), quote=True)
+@functools.cache
+def _templates() -> jinja2.Environment:
+    """The report templates (predict/templates/*.html), every value autoescaped; a template that
+    names an undefined value fails instead of printing nothing."""
+    env = jinja2.Environment(loader=jinja2.PackageLoader("breastfusion.predict", "templates"),
+                             autoescape=True, undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    env.filters["probability"] = format_probability
+    return env
 
 
-_STYLE = """
-body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, Arial, sans-serif; margin: 1.5em; color: #1a1a1a;
-       background: #ffffff; }
-h1 { font-size: 1.4em; margin: 0.3em 0; } h2 { font-size: 1.1em; margin: 1.2em 0 0.4em; }
-.notice { background: #fff3cd; border: 1px solid #d4a017; padding: 0.5em 0.8em; font-weight: 600; }
-.decision { font-size: 1.5em; font-weight: 700; padding: 0.5em 0.8em; margin: 0.6em 0; border-radius: 4px;
-            border: 2px solid #555; }
-.decision-recall { background: #f8d7da; border-color: #b02a37; color: #58151c; }
-.decision-routine { background: #d1e7dd; border-color: #146c43; color: #0a3622; }
-.decision-review { background: #fff3cd; border-color: #b08900; color: #523e02; }
-.decision-other { background: #e2e3e5; border-color: #555; color: #1a1a1a; }
-table { border-collapse: collapse; margin: 0.3em 0; }
-th, td { border: 1px solid #bbb; padding: 0.25em 0.6em; text-align: left; }
-td.probability { text-align: right; font-variant-numeric: tabular-nums; }
-th { background: #f0f0f0; }
-.warnings li { color: #8a4b00; }
-.panels { display: flex; flex-wrap: wrap; gap: 1em; }
-figure.panel { margin: 0; border: 1px solid #ccc; padding: 0.5em; }
-figure.panel .pair { display: flex; gap: 0.5em; }
-figure.panel .pair div { text-align: center; font-size: 0.85em; }
-img.scan, img.heatmap { width: 256px; height: auto; image-rendering: pixelated; display: block; }
-.caption { font-size: 0.85em; color: #444; margin: 0.3em 0 0; }
-.model-info { font-size: 0.85em; }
-a { color: #0b5394; }
-"""
-
-
-def _head(title: str) -> str:
-    return (
-        "<!DOCTYPE html>\n"
-        '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-        f'<meta http-equiv="Content-Security-Policy" content="{_e(CSP)}">\n'
-        '<meta name="referrer" content="no-referrer">\n'
-        f"<title>{_e(title)}</title>\n<style>{_STYLE}</style>\n</head>\n"
-    )
-
-
-def _notice() -> str:
-    return f'<p class="notice" id="notice">{_e(NOTICE)}</p>\n'
-
-
-def _model_info_table(model_info: dict[str, str]) -> str:
-    rows = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in model_info.items())
-    return f'<h2>Model</h2>\n<table class="model-info" id="model-info">{rows}</table>\n'
-
-
-def _probability_cells(probs: dict[str, float], classes: list[str]) -> str:
-    return "".join(
-        f'<td class="probability" data-class="{_e(c)}">{format_probability(probs.get(c))}</td>' for c in classes
-    )
+def _render(template: str, model_info: dict[str, str], **values) -> str:
+    return _templates().get_template(template).render(csp=CSP, notice=NOTICE, model_info=model_info, **values)
 
 
 # --------------------------------------------------------------------------- patient report
 
 
-def _panel_html(panel: ImagePanel, index: int) -> str:
-    title = _e(panel.title)
-    scan = (
-        f'<div><img class="scan" src="{data_uri(grey_png(panel.image))}" alt="{title}"'
-        f' data-panel="{index}"><span>input</span></div>'
-    )
-    heat = ""
-    if panel.heatmap is not None:
-        cls = _e(panel.heatmap_class or "unspecified class")
-        heat = (
-            f'<div><img class="heatmap" src="{data_uri(overlay_png(panel.image, panel.heatmap))}"'
-            f' alt="Grad-CAM {cls}: {title}" data-panel="{index}" data-class="{cls}">'
-            f'<span class="heatmap-class">Grad-CAM: {cls}</span></div>'
-        )
-    caption = f'<p class="caption">{_e(panel.caption)}</p>' if panel.caption else ""
-    return (
-        f'<figure class="panel" data-panel="{index}"><figcaption>{title}</figcaption>'
-        f'<div class="pair">{scan}{heat}</div>{caption}</figure>\n'
-    )
-
-
 def patient_report_html(result: PatientResult, model_info: dict[str, str]) -> str:
     """One self-contained HTML page for one patient (see the module docstring)."""
-    classes = _classes(result.probabilities, *(row.probabilities for row in result.instances))
-    header = "".join(f"<th>{_e(c)}</th>" for c in classes)
-    kind = decision_kind(result.decision)
-    parts = [_head(f"breastfusion report {result.case_id}"), "<body>\n", _notice()]
-    parts.append(f'<h1>Case <span id="case-id">{_e(result.case_id)}</span></h1>\n')
-    parts.append(
-        f'<div id="decision" class="decision decision-{kind}" data-kind="{kind}">'
-        f"Decision: {_e(result.decision)}</div>\n"
-    )
-    parts.append(
-        '<table id="triage"><tr><th>Triage (majority vote)</th>'
-        f'<td id="triage-vote">{_e(result.triage_vote)}</td></tr>'
-        f'<tr><th>Triage (mean probability)</th><td id="triage-mean">{_e(result.triage_mean)}</td></tr></table>\n'
-    )
-    if result.warnings:
-        items = "".join(f"<li>{_e(w)}</li>" for w in result.warnings)
-        parts.append(f'<h2>Warnings</h2>\n<ul class="warnings" id="warnings">{items}</ul>\n')
-    parts.append(
-        f'<h2>Patient-level probabilities</h2>\n<table id="patient-probabilities"><tr>{header}</tr>'
-        f"<tr>{_probability_cells(result.probabilities, classes)}</tr></table>\n"
-    )
-    rows = "".join(
-        f'<tr class="instance" data-instance="{_e(row.instance_id)}"><td>{_e(row.instance_id)}</td>'
-        f"<td>{_e(row.us_image)}</td>{_probability_cells(row.probabilities, classes)}</tr>"
-        for row in result.instances
-    )
-    parts.append(
-        f'<h2>Per-instance probabilities ({len(result.instances)})</h2>\n<table id="instance-probabilities">'
-        f"<tr><th>instance</th><th>US image</th>{header}</tr>{rows}</table>\n"
-    )
-    if result.panels:
-        panels = "".join(_panel_html(panel, i) for i, panel in enumerate(result.panels))
-        parts.append(f'<h2>Images</h2>\n<div class="panels" id="panels">\n{panels}</div>\n')
-    parts.append(_model_info_table(model_info))
-    parts.append(_notice())
-    parts.append("</body>\n</html>\n")
-    return "".join(parts)
+    panels = [{"title": p.title, "caption": p.caption, "scan": data_uri(grey_png(p.image)),
+               "heatmap": data_uri(overlay_png(p.image, p.heatmap)) if p.heatmap is not None else "",
+               "heatmap_class": p.heatmap_class or "unspecified class"} for p in result.panels]
+    return _render("patient.html", model_info, r=result, kind=decision_kind(result.decision), panels=panels,
+                   classes=_classes(result.probabilities, *(row.probabilities for row in result.instances)))
 
 
 def write_patient_report(result: PatientResult, model_info: dict[str, str], path: str | os.PathLike) -> Path:
@@ -322,39 +229,10 @@ def _relative_href(path: str | os.PathLike) -> str:
 
 
 def _worklist_html(rows: list[dict], model_info: dict[str, str], report_paths: dict[str, str]) -> str:
-    probs_header = "".join(f"<th>p({_e(c)})</th>" for c in CLASS_NAMES)
-    body = []
-    for row in rows:
-        case = row["case_id"]
-        kind = decision_kind(row["decision"])
-        if case in report_paths:
-            case_cell = f'<a class="report" href="{_e(_relative_href(report_paths[case]))}">{_e(case)}</a>'
-        else:
-            case_cell = _e(case)
-        probs = "".join(
-            f'<td class="probability" data-class="{_e(c)}">{format_probability(row[f"p_{c}"])}</td>'
-            for c in CLASS_NAMES
-        )
-        body.append(
-            f'<tr class="case" data-case="{_e(case)}" data-rank="{row["rank"]}"><td>{row["rank"]}</td>'
-            f"<td>{case_cell}</td>{probs}<td>{_e(row['triage_vote'])}</td><td>{_e(row['triage_mean'])}</td>"
-            f'<td class="decision decision-{kind}" data-kind="{kind}">{_e(row["decision"])}</td>'
-            f"<td>{row['n_instances']}</td><td>{_e(row['warnings'])}</td></tr>\n"
-        )
-    return (
-        _head("breastfusion worklist")
-        + "<body>\n"
-        + _notice()
-        + f"<h1>Worklist ({len(rows)} cases, ranked by malignant probability)</h1>\n"
-        + '<table id="worklist"><tr><th>rank</th><th>case</th>'
-        + probs_header
-        + "<th>triage (vote)</th><th>triage (mean)</th><th>decision</th><th>instances</th><th>warnings</th></tr>\n"
-        + "".join(body)
-        + "</table>\n"
-        + _model_info_table(model_info)
-        + _notice()
-        + "</body>\n</html>\n"
-    )
+    shown = [{**row, "kind": decision_kind(row["decision"]),
+              "href": _relative_href(report_paths[row["case_id"]]) if row["case_id"] in report_paths else ""}
+             for row in rows]
+    return _render("worklist.html", model_info, rows=shown, classes=list(CLASS_NAMES))
 
 
 def _worklist_csv(rows: list[dict]) -> str:
