@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint configs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,9 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
+
+configs: $(STAMP)  # configs/*.yaml are generated from presets.py (tests/test_config.py checks)
+	$(BIN)/breastfusion config --write configs
 
 clean:
 	rm -rf $(VENV) runs .cache .pytest_cache

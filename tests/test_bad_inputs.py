@@ -6,7 +6,7 @@ precisely. A behaviour is either
 
 * an error: a `BreastFusionError` subclass whose message names the file (or the key, or the
   manifest line) and the reason, on one line (a ManifestError lists one line per problem);
-  through the CLI, one `error: ...` line and exit code 2, no traceback; or
+  through the CLI, one `error: ...` line and exit code 3 (an input error; errors.ExitCode), no traceback; or
 * a fallback: the file is skipped with its reason (ingest summary and skipped.csv), an image is
   refused (refused_images.json) or kept with a flag, a case is excluded and counted, and the
   other inputs go through.
@@ -113,7 +113,8 @@ class Raises(Expect):
 
 @dataclass(frozen=True)
 class CliError(Expect):
-    """The command prints one `error: ...` naming the subject and the reason and exits 2, no traceback."""
+    """The command prints one `error: ...` naming the subject and the reason and exits 3 (an input
+    error, errors.ExitCode), no traceback."""
 
     reason: str
 
@@ -122,7 +123,7 @@ class CliError(Expect):
         if result.exception is not None and not isinstance(result.exception, SystemExit):
             raise result.exception  # escaped the CLI's error handling: a traceback for the user
         out = result.output
-        assert result.exit_code == 2, out
+        assert result.exit_code == 3, out
         assert "Traceback" not in out
         lines = out.splitlines()
         errors = [k for k, line in enumerate(lines) if line.startswith("error: ")]
@@ -324,7 +325,8 @@ class Shared:
         out = self.root / "predicted"
         result = cli("predict", study, "--model", bundle, "-o", out, "--no-heatmaps",
                      "--cache-dir", self.root / "predict-cache")()
-        assert result.exit_code == 0, result.output
+        assert result.exit_code == 4, result.output  # outputs written, some patients not predicted
+        assert "not every input was used" in result.output
         return result, out
 
 
@@ -654,7 +656,7 @@ LABELS = [
     Case("labels-two-labels-one-breast", "labels",
          labels("patient_id,side,label\nGOOD,L,normal\nGOOD,L,benign\n", run="cli"),
          CliError("label benign differs from line 2 (normal) for the same breast"),
-         "`breastfusion ingest --labels`: exit 2, `error: <labels>: 1 problem(s)` then "
+         "`breastfusion ingest --labels`: exit 3, `error: <labels>: 1 problem(s)` then "
          "`labels.csv line 3: label benign differs from line 2 (normal) for the same breast`"),
     Case("labels-unknown-label", "labels", labels("patient_id,side,label\nGOOD,L,cancer\n"),
          Raises(ManifestError, "unknown label 'cancer'"), "ManifestError: `labels.csv line 2: unknown label 'cancer'`"),
@@ -729,7 +731,7 @@ MANIFEST = [
          manifest_cli("P1,L,US,,,../outside/x.png,normal,", args=("--data-root", "{data}"),
                       subject="{tmp}/outside/x.png"),
          CliError("lies outside the data root"),
-         "`breastfusion validate --data-root`: exit 2, `m.csv: <path> lies outside the data root <root>`"),
+         "`breastfusion validate --data-root`: exit 3, `m.csv: <path> lies outside the data root <root>`"),
     Case("manifest-symlink-escapes-data-root", "manifest",
          manifest("P1,L,US,,,link.png,normal,", data_root=True, subject="{tmp}/outside/x.png"),
          Raises(ManifestError, "lies outside the data root"),
@@ -755,7 +757,7 @@ MANIFEST = [
          Behaves(_verify_every_problem_listed), "ManifestError listing every problem, one line each (3 here)"),
     Case("manifest-case-without-label", "manifest",
          manifest_cli("P1,L,US,,,a.png,,", subject="P1:L a.png"), CliError("no label"),
-         "`breastfusion validate`: exit 2, `P1:L a.png: no label`"),
+         "`breastfusion validate`: exit 3, `P1:L a.png: no label`"),
     Case("manifest-not-utf8", "manifest", manifest("P\xe9,L,US,,,a.png,normal,", encoding="latin-1",
                                                    subject="{manifest}"),
          Raises(ManifestError, "not UTF-8 text"),
@@ -1025,7 +1027,7 @@ TRAINING = [
          "NaN / inf feature files in the cache are recomputed, never trained on; metrics identical"),
     Case("fewer-patients-than-folds", "training", experiment_cli(n_cases=2, subject="2 patient groups"),
          CliError("cannot fill 3 folds"),
-         "`breastfusion experiment`: exit 2, `2 patient groups cannot fill 3 folds; use fewer folds or more data`"),
+         "`breastfusion experiment`: exit 3, `2 patient groups cannot fill 3 folds; use fewer folds or more data`"),
     Case("too-few-cases-per-class", "training", experiment_cli(n_cases=4, subject="folds"), CliError(""),
          "BreastFusionError naming the folds and the class counts"),
     Case("every-row-not-run", "training", _all_rows_not_run, Behaves(_verify_all_rows_not_run),
@@ -1042,31 +1044,31 @@ TRAINING = [
 
 CONFIG = [
     Case("config-unknown-key", "config", experiment_cli(set_key("model.foo", 1), subject="model.foo"),
-         CliError("unknown config key(s)"), "exit 2, `error: unknown config key(s) model.foo`"),
+         CliError("unknown config key(s)"), "exit 3, `error: unknown config key(s) model.foo`"),
     Case("config-wrong-type", "config", experiment_cli(set_key("train.epochs", "ten"), subject="train.epochs"),
-         CliError("must be int, got 'ten'"), "exit 2, `error: config key train.epochs must be int, got 'ten'`"),
+         CliError("must be int, got 'ten'"), "exit 3, `error: config key train.epochs must be int, got 'ten'`"),
     Case("config-bad-choice", "config", experiment_cli(set_key("model.fusion", "sum"), subject="fusion 'sum'"),
-         CliError("not in ('concat', 'cross_attention')"),
-         "exit 2, `error: config 'tiny US': fusion 'sum' not in ('concat', 'cross_attention')`"),
+         CliError("not in (concat, cross_attention)"),
+         "exit 3, `error: config key model.fusion 'sum' not in (concat, cross_attention)`"),
     Case("config-invalid-yaml", "config", experiment_cli(text="rows: [\n  - {name: x\n"), CliError(""),
-         "exit 2 naming the file and the YAML error"),
+         "exit 3 naming the file and the YAML error"),
     Case("config-not-a-mapping", "config", experiment_cli(text="- 1\n- 2\n"), CliError(""),
-         "exit 2 naming the file: a row must be a mapping"),
+         "exit 3 naming the file: a row must be a mapping"),
     Case("config-float-given-as-text", "config",
          experiment_cli(set_key("train.lr", "fast"), subject="train.lr"), CliError("must be float"),
-         "exit 2, `error: config key train.lr must be float, got 'fast'`"),
+         "exit 3, `error: config key train.lr must be float, got 'fast'`"),
     Case("config-zero-batch-size", "config", experiment_cli(set_key("train.batch_size", 0), subject="batch_size"),
-         CliError(""), "exit 2 naming train.batch_size"),
+         CliError(""), "exit 3 naming train.batch_size"),
     Case("config-negative-feature-copies", "config",
          experiment_cli(set_key("train.feature_copies", -1), subject="feature_copies"), CliError(""),
-         "exit 2 naming train.feature_copies"),
+         "exit 3 naming train.feature_copies"),
     Case("config-unknown-device", "config", experiment_cli(set_key("train.device", "tpu"), subject="tpu"),
-         CliError(""), "exit 2 naming train.device"),
+         CliError(""), "exit 3 naming train.device"),
     Case("config-zero-image-size", "config",
          experiment_cli(set_key("model.backbone.image_size", 0), subject="image_size"), CliError(""),
-         "exit 2 naming model.backbone.image_size"),
+         "exit 3 naming model.backbone.image_size"),
     Case("config-zero-epochs", "config", experiment_cli(set_key("train.epochs", 0), subject="train.epochs"),
-         CliError(""), "exit 2 naming train.epochs"),
+         CliError(""), "exit 3 naming train.epochs"),
 ]
 
 
@@ -1125,7 +1127,7 @@ def _row_config_unknown_key(row: Path) -> str:
 EXPORT = [
     Case("corrupt-fold-checkpoint", "export", row_copy(_corrupt_checkpoint, via_cli=True),
          CliError("not a loadable weights file"),
-         "`breastfusion export`: exit 2, `<fold>/model.safetensors: not a loadable weights file (...)`"),
+         "`breastfusion export`: exit 3, `<fold>/model.safetensors: not a loadable weights file (...)`"),
     Case("fold-checkpoint-wrong-shapes", "export", row_copy(_wrong_shapes), Raises(WeightsError, "do not fit"),
          "WeightsError naming the file: weights do not fit the configured network"),
     Case("no-completed-fold", "export", row_copy(_no_checkpoints),
@@ -1232,7 +1234,7 @@ def _corrupt_bundle_json(bundle: Path) -> str:
 BUNDLE = [
     Case("bundle-weights-modified", "bundle", bundle_copy(_flip_a_byte, via_cli=True),
          CliError("checksum does not match bundle.json"),
-         "`breastfusion predict`: exit 2, `<file>: checksum does not match bundle.json (modified or corrupt); "
+         "`breastfusion predict`: exit 3, `<file>: checksum does not match bundle.json (modified or corrupt); "
          "refusing it`"),
     Case("bundle-pickle-weights", "bundle", bundle_copy(_pickled_weights), Behaves(_verify_pickle_refused),
          "WeightsError: `<file>: not a loadable weights file (...)`; the pickle is never run"),
@@ -1333,9 +1335,9 @@ PREDICT = [
     Case("predict-patient-without-us", "predict", *predicted(_patient_without_us),
          "not predicted, counted (`no US image`) in predictions.json and the `not predicted:` line"),
     Case("predict-nothing-usable", "predict", _nothing_usable, CliError(""),
-         "exit 2, `error: no patient has the images this model needs (...)`"),
+         "exit 3, `error: no patient has the images this model needs (...)`"),
     Case("predict-manifest-missing-file", "predict", _manifest_with_missing_file, CliError("file not found"),
-         "`breastfusion predict M.csv`: exit 2, the ManifestError line `P1:L gone.png: file not found: <path>`"),
+         "`breastfusion predict M.csv`: exit 3, the ManifestError line `P1:L gone.png: file not found: <path>`"),
 ]
 
 

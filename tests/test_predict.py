@@ -205,6 +205,13 @@ def test_cli_export_then_predict_a_dicom_study_folder_without_leaking_phi(traine
     report = (result / "reports" / "NEW-1_R.html").read_text()
     assert "CC-synthesized view missing" in report and "not a medical device" in report.lower()
     assert (result / "worklist.html").is_file() and (result / "predictions.json").is_file()
+    # provenance: the command, version, commit and time in the bundle and in the prediction
+    made = json.loads((bundle / "bundle.json").read_text())["provenance"]
+    assert made["command"].startswith("breastfusion export") and made["git_commit"] and made["created"]
+    told = json.loads((result / "predictions.json").read_text())["provenance"]
+    assert told["command"].startswith("breastfusion predict") and told["breastfusion_version"]
+    log = (result / "breastfusion.log").read_text()
+    assert "INFO breastfusion.predict.run: predicting 1 patient(s), 4 image(s)" in log
     assert len(list((result / "heatmaps").rglob("*.png"))) == 2 + 2
     for file in result.rglob("*"):
         if file.is_file():

@@ -10,7 +10,10 @@ from pathlib import Path
 import click
 import yaml
 
-from .errors import BreastFusionError
+from . import logs
+from .allocator import reuse_freed_memory
+from .errors import BreastFusionError, PartialFailure
+from .files import write_text
 
 
 def _command_line() -> str:
@@ -19,8 +22,33 @@ def _command_line() -> str:
     return "breastfusion " + " ".join(shlex.quote(a) for a in args)
 
 
+def _quiet() -> bool:
+    """--quiet on the running command: no progress bars, warnings only."""
+    return bool(click.get_current_context().meta.get("breastfusion.quiet", False))
+
+
+class _Command(click.Command):
+    """Every command takes --verbose / --quiet and runs with the console log at that level."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.params += [
+            click.Option(["-v", "--verbose"], is_flag=True, help="Log DEBUG lines too."),
+            click.Option(["-q", "--quiet"], is_flag=True, help="Warnings and errors only; no progress bars."),
+        ]
+
+    def invoke(self, ctx):
+        verbose, quiet = ctx.params.pop("verbose", False), ctx.params.pop("quiet", False)
+        ctx.meta["breastfusion.quiet"] = quiet
+        with logs.console(logs.level_of(verbose, quiet)):
+            return super().invoke(ctx)
+
+
 class _Group(click.Group):
-    """Prints the project's own errors as one line (traceback only with --debug)."""
+    """Prints the project's own errors as one line (traceback only with --debug) and exits
+    with the error's code (errors.ExitCode: 3 input, 4 partial failure; click's usage errors 2)."""
+
+    command_class = _Command
 
     def parse_args(self, ctx, args):
         ctx.meta["breastfusion.argv"] = list(args)
@@ -33,30 +61,41 @@ class _Group(click.Group):
             if ctx.params.get("debug"):
                 raise
             click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
+            sys.exit(int(exc.exit_code))
 
 
 @click.group(cls=_Group)
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @click.version_option(package_name="breastfusion")
 def main(debug: bool) -> None:
-    """Patient-level breast cancer triage from mammography and ultrasound."""
-    from .allocator import reuse_freed_memory
+    """Patient-level breast cancer triage from mammography and ultrasound.
 
+    Exit codes: 0 done; 1 unexpected error (a bug: please report it with --debug); 2 usage
+    error; 3 an input cannot be used (manifest, config, image, weights); 4 outputs written but
+    part of the work not done (rows not run, patients not predicted)."""
     reuse_freed_memory()  # CPU training and inference run up to 2x faster (see allocator.py)
+
+
+def _compute_options(f):
+    """--device and --cache-dir, for every command that computes."""
+    f = click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
+                     help="Preprocessing and feature cache (default: the config's train.cache_dir, "
+                          ".cache/breastfusion).")(f)
+    return click.option("--device", default=None,
+                        help="cpu, cuda, cuda:N or auto (default: the config's train.device, auto).")(f)
 
 
 @main.command()
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
-@click.option("--patients", default=300, show_default=True)
+@click.option("--patients", default=300, show_default=True, help="Number of patients to generate.")
 @click.option("--size", default=128, show_default=True, help="Image side in pixels.")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Random seed (same seed, same cohort).")
 def synth(out_dir: str, patients: int, size: int, seed: int) -> None:
     """Generate the synthetic cohort (images + manifest.csv + lesions.csv)."""
     from .datasets.synthetic import SynthConfig, generate_cohort
 
     records = generate_cohort(out_dir, SynthConfig(n_patients=patients, image_size=size, seed=seed),
-                              progress=True)
+                              progress=not _quiet())
     click.echo(f"{len(records)} images of {patients} patients -> {Path(out_dir) / 'manifest.csv'}")
 
 
@@ -70,7 +109,7 @@ def ingest(root: str, out_csv: str, labels: str | None, pseudonymise_salt: str |
     """Walk a folder of DICOM (and PNG/JPEG/PGM) files into a manifest; print a summary."""
     from .ingest.folder import ingest_folder, write_ingest
 
-    result = ingest_folder(root, labels_csv=labels, pseudonymise_salt=pseudonymise_salt, progress=True)
+    result = ingest_folder(root, labels_csv=labels, pseudonymise_salt=pseudonymise_salt, progress=not _quiet())
     manifest, skipped = write_ingest(result, out_csv)
     click.echo(result.summary())
     click.echo(f"manifest: {manifest}  skipped files: {skipped}")
@@ -79,7 +118,7 @@ def ingest(root: str, out_csv: str, labels: str | None, pseudonymise_salt: str |
 @main.command("public")
 @click.argument("name", type=click.Choice(["busi", "cdd-cesm", "mias"]))
 @click.argument("root", type=click.Path(file_okay=False, exists=True))
-@click.option("-o", "--out", "out_csv", required=True, type=click.Path(dir_okay=False))
+@click.option("-o", "--out", "out_csv", required=True, type=click.Path(dir_okay=False), help="Manifest CSV to write.")
 def public_cmd(name: str, root: str, out_csv: str) -> None:
     """Manifest of a public dataset in its official layout (BUSI, CDD-CESM, mini-MIAS)."""
     from .datasets.public import load_public
@@ -92,11 +131,14 @@ def public_cmd(name: str, root: str, out_csv: str) -> None:
 
 
 @main.command()
-@click.option("--mg", "mg_name", type=click.Choice(["cdd-cesm", "mias"]), default="cdd-cesm", show_default=True)
-@click.option("--mg-root", required=True, type=click.Path(file_okay=False, exists=True))
-@click.option("--busi-root", required=True, type=click.Path(file_okay=False, exists=True))
-@click.option("-o", "--out", "out_csv", required=True, type=click.Path(dir_okay=False))
-@click.option("--seed", default=0, show_default=True)
+@click.option("--mg", "mg_name", type=click.Choice(["cdd-cesm", "mias"]), default="cdd-cesm", show_default=True,
+              help="The mammography dataset whose breasts are paired with BUSI images.")
+@click.option("--mg-root", required=True, type=click.Path(file_okay=False, exists=True),
+              help="Folder of the mammography dataset, in its official layout.")
+@click.option("--busi-root", required=True, type=click.Path(file_okay=False, exists=True),
+              help="Folder of the BUSI dataset, in its official layout.")
+@click.option("-o", "--out", "out_csv", required=True, type=click.Path(dir_okay=False), help="Manifest CSV to write.")
+@click.option("--seed", default=0, show_default=True, help="Random seed of the pairing.")
 @click.option("--keep-mg-only", is_flag=True, help="Keep breasts left without a US image (MG-only cases).")
 def virtual(mg_name: str, mg_root: str, busi_root: str, out_csv: str, seed: int, keep_mg_only: bool) -> None:
     """Virtual MG+US cohort: each MG breast paired with BUSI images of its class (read docs/virtual-cohort.md)."""
@@ -112,12 +154,14 @@ def virtual(mg_name: str, mg_root: str, busi_root: str, out_csv: str, seed: int,
 
 @main.command("contact-sheet")
 @click.argument("manifest", type=click.Path(dir_okay=False))
-@click.option("-o", "--out", "out_png", required=True, type=click.Path(dir_okay=False))
+@click.option("-o", "--out", "out_png", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
 @click.option("-n", "count", default=16, show_default=True, help="Images to show (a seeded sample).")
-@click.option("--modality", type=click.Choice(["MG", "US", "all"]), default="all", show_default=True)
-@click.option("--size", default=224, show_default=True)
-@click.option("--colour", type=click.Choice(["reject", "grey"]), default="reject", show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@click.option("--modality", type=click.Choice(["MG", "US", "all"]), default="all", show_default=True,
+              help="Which images to sample.")
+@click.option("--size", default=224, show_default=True, help="Side of the preprocessed image in pixels.")
+@click.option("--colour", type=click.Choice(["reject", "grey"]), default="reject", show_default=True,
+              help="Colour (Doppler) ultrasound: refuse it, or convert it to grey.")
+@click.option("--seed", default=0, show_default=True, help="Random seed of the sample.")
 def contact_sheet_cmd(manifest: str, out_png: str, count: int, modality: str, size: int, colour: str,
                       seed: int) -> None:
     """Before/after preprocessing of a sample of a manifest's images, as one PNG to check by eye."""
@@ -147,13 +191,24 @@ def validate(manifest: str, data_root: str | None) -> None:
 
 
 @main.command("config")
-@click.argument("preset_name")
+@click.argument("preset_name", required=False)
 @click.option("--row", default=None, help="Only this row (by name).")
-def config_cmd(preset_name: str, row: str | None) -> None:
-    """Print the YAML of a preset's rows (demo, table3, table3-cpu, table3-cpu-partial)."""
+@click.option("--write", "write_dir", default=None, type=click.Path(file_okay=False),
+              help="Write every preset (or PRESET_NAME only) as DIR/NAME.yaml instead of printing; "
+                   "configs/ in the repository is made this way.")
+def config_cmd(preset_name: str | None, row: str | None, write_dir: str | None) -> None:
+    """Print the YAML of a preset's rows (demo, table3, table3-cpu, table3-cpu-partial), or write them."""
     from .config import to_dict
-    from .presets import preset
+    from .presets import PRESETS, preset, preset_yaml
 
+    if write_dir is not None:
+        for name in [preset_name] if preset_name else list(PRESETS):
+            preset(name)  # an unknown name fails here
+            path = write_text(Path(write_dir) / f"{name}.yaml", preset_yaml(name))
+            click.echo(f"{name} -> {path}")
+        return
+    if preset_name is None:
+        raise click.UsageError("give a PRESET_NAME, or --write DIR")
     rows = preset(preset_name)
     if row is not None:
         rows = [r for r in rows if r.name == row]
@@ -182,8 +237,10 @@ def _rows_from_file(spec: str):
 
 @main.command()
 @click.argument("config")
-@click.option("--manifest", required=True, type=click.Path(dir_okay=False))
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--manifest", required=True, type=click.Path(dir_okay=False),
+              help="Manifest CSV (from ingest, public or virtual) with labels.")
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Run folder (resumable: completed folds are not rerun).")
 @click.option("--epochs", type=int, default=None, help="Override every row's epochs.")
 @click.option("--folds", type=int, default=None, help="Override every row's number of folds.")
 @click.option("--second-image", type=click.Choice(["auto", "kind", "view"]), default="auto", show_default=True,
@@ -198,12 +255,11 @@ def _rows_from_file(spec: str):
 @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
               help="Train this many folds at once, each in its own process (and on its own GPU when "
                    "several are present); results are those of --jobs 1.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@_compute_options
 def experiment(config: str, manifest: str, out_dir: str, epochs: int | None, folds: int | None,
                second_image: str, row_names: tuple[str, ...], settings: tuple[str, ...], data_root: str | None,
-               jobs: int, quiet: bool) -> None:
+               jobs: int, device: str | None, cache_dir: str | None) -> None:
     """Cross-validate every row of CONFIG (a preset name or a YAML file) on MANIFEST."""
-    from .config import override
     from .experiment import run_experiment
     from .presets import PRESETS, preset, second_image_of
     from .records import read_manifest
@@ -227,20 +283,34 @@ def experiment(config: str, manifest: str, out_dir: str, epochs: int | None, fol
             r.train.epochs = epochs
         if folds is not None:
             r.cv.folds = folds
-        for item in settings:
-            key, eq, value = item.partition("=")
-            if not eq:
-                raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--set")
-            override(r, key.strip(), value)
-        r.validate()
+        _apply(r, settings, device, cache_dir)
     metrics = run_experiment(m, rows, out_dir, title=f"breastfusion: {config}", command=_command_line(),
-                             progress=not quiet, jobs=jobs)
+                             progress=not _quiet(), jobs=jobs)
     if "helper_rank" in metrics:  # torchrun: rank 0 reports
         return
     click.echo(f"report: {Path(out_dir) / 'report.md'}")
     reasons = [r["not_run"] for r in metrics["rows"] if "not_run" in r]
-    if len(reasons) == len(metrics["rows"]):
+    if reasons and len(reasons) == len(metrics["rows"]):
         raise BreastFusionError(f"no row could run; first reason: {reasons[0]}")
+    if reasons:
+        raise PartialFailure(f"{len(reasons)} of {len(metrics['rows'])} rows not run (see the report); "
+                             f"first reason: {reasons[0]}")
+
+
+def _apply(row, settings: tuple[str, ...], device: str | None, cache_dir: str | None):
+    """--set KEY=VALUE, --device and --cache-dir on one row, then validation."""
+    from .config import override
+
+    for item in settings:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--set")
+        override(row, key.strip(), value)
+    if device is not None:
+        row.train.device = device
+    if cache_dir is not None:
+        row.train.cache_dir = cache_dir
+    return row.validate()
 
 
 @main.command()
@@ -254,7 +324,7 @@ def export(row_dir: str, out_dir: str, malignant_sensitivity: float, normal_spec
     """Make a model bundle from one cross-validated row (RUN/rows/NAME) of an experiment."""
     from .predict.bundle import export_bundle, load_bundle
 
-    path = export_bundle(row_dir, out_dir, malignant_sensitivity, normal_specificity)
+    path = export_bundle(row_dir, out_dir, malignant_sensitivity, normal_specificity, command=_command_line())
     bundle = load_bundle(path)  # what predict will load: checked now
     pts = bundle.points
     click.echo(f"bundle {path}: {bundle.config.name}, {len(bundle.nets)} fold networks, temperatures "
@@ -263,7 +333,7 @@ def export(row_dir: str, out_dir: str, malignant_sensitivity: float, normal_spec
                f"{pts.normal_threshold} {pts.note}".rstrip())
 
 
-def _input_manifest(input_path: str, work: Path, salt: str | None):
+def _input_manifest(input_path: str, work: Path, salt: str | None, progress: bool):
     """(manifest, files skipped at ingest) from a manifest CSV, or by ingesting a folder."""
     from .ingest.folder import ingest_folder, write_ingest
     from .records import read_manifest
@@ -271,7 +341,7 @@ def _input_manifest(input_path: str, work: Path, salt: str | None):
     path = Path(input_path)
     if path.is_file():
         return read_manifest(path, require_labels=False), []
-    result = ingest_folder(path, pseudonymise_salt=salt, progress=True)
+    result = ingest_folder(path, pseudonymise_salt=salt, progress=progress)
     click.echo(result.summary())
     manifest_csv, _ = write_ingest(result, work / "manifest.csv")
     return read_manifest(manifest_csv, require_labels=False), result.skipped
@@ -281,12 +351,14 @@ def _input_manifest(input_path: str, work: Path, salt: str | None):
 @click.argument("input_path", type=click.Path(exists=True))
 @click.option("--model", "bundle_dir", required=True, type=click.Path(file_okay=False, exists=True),
               help="A bundle made by `breastfusion export`.")
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Prediction folder (predictions, reports, heatmaps, worklist, log).")
 @click.option("--no-heatmaps", is_flag=True, help="Skip Grad-CAM (faster).")
 @click.option("--save-arrays", is_flag=True, help="Also write each heatmap as .npy.")
 @click.option("--pseudonymise-salt", default=None, help="Replace patient ids by salted hashes (folder input).")
-@click.option("--cache-dir", default=".cache/breastfusion", show_default=True)
-@click.option("--device", default="auto", show_default=True)
+@click.option("--cache-dir", default=".cache/breastfusion", show_default=True, type=click.Path(file_okay=False),
+              help="Preprocessing cache of the input images.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto (the GPU if any).")
 def predict(input_path: str, bundle_dir: str, out_dir: str, no_heatmaps: bool, save_arrays: bool,
             pseudonymise_salt: str | None, cache_dir: str, device: str) -> None:
     """Probabilities, triage class, decision, heatmaps and reports for new patients.
@@ -298,20 +370,30 @@ def predict(input_path: str, bundle_dir: str, out_dir: str, no_heatmaps: bool, s
 
     bundle = load_bundle(bundle_dir)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    manifest, skipped = _input_manifest(input_path, out, pseudonymise_salt)
-    pred = run_predict(manifest, bundle, cache_dir=cache_dir, heatmaps=not no_heatmaps, device=device)
-    write_prediction(pred, bundle, out, save_arrays=save_arrays, skipped_at_ingest=skipped)
+    with logs.log_to(out):
+        manifest, skipped = _input_manifest(input_path, out, pseudonymise_salt, progress=not _quiet())
+        pred = run_predict(manifest, bundle, cache_dir=cache_dir, heatmaps=not no_heatmaps, device=device,
+                           progress=not _quiet())
+        write_prediction(pred, bundle, out, save_arrays=save_arrays, skipped_at_ingest=skipped,
+                         command=_command_line())
     counts = pred.patients["decision"].value_counts().to_dict()
     click.echo(f"{len(pred.patients)} patients: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
     if pred.skipped:
         click.echo("not predicted: " + ", ".join(f"{v} {k}" for k, v in pred.skipped.items()))
     click.echo(f"worklist: {out / 'worklist.html'}  reports: {out / 'reports'}")
+    unused = [f"{n} {k}" for k, n in pred.skipped.items()]
+    if pred.refused:
+        unused.append(f"{len(pred.refused)} image(s) refused by preprocessing")
+    if skipped:
+        unused.append(f"{len(skipped)} file(s) skipped at ingest")
+    if unused:
+        raise PartialFailure("not every input was used: " + "; ".join(unused) + " (see predictions.json)")
 
 
 @main.command()
 @click.argument("row_dir", type=click.Path(file_okay=False, exists=True))
-@click.option("--manifest", required=True, type=click.Path(dir_okay=False, exists=True))
+@click.option("--manifest", required=True, type=click.Path(dir_okay=False, exists=True),
+              help="The manifest the row was trained on.")
 @click.option("--lesions", type=click.Choice(["busi", "mias", "synthetic"]), required=True,
               help="Lesion annotations: BUSI mask files, mini-MIAS Info.txt circles, or a synthetic lesions.csv.")
 @click.option("--mias-root", type=click.Path(file_okay=False, exists=True), default=None,
@@ -322,9 +404,12 @@ def predict(input_path: str, bundle_dir: str, out_dir: str, no_heatmaps: bool, s
               help="Which images to score (default: US for busi, MG for mias; required for synthetic).")
 @click.option("--target", type=click.Choice(["true", "abnormal"]), default="true", show_default=True,
               help="Explain the true class, or the evidence against normal (benign or malignant).")
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder for localisation.md, localisation.json and examples.png.")
+@click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
+              help="Preprocessing cache (default: the row's train.cache_dir).")
 def localise(row_dir: str, manifest: str, lesions: str, mias_root: str | None, lesions_csv: str | None,
-             modality: str | None, target: str, out_dir: str) -> None:
+             modality: str | None, target: str, out_dir: str, cache_dir: str | None) -> None:
     """Grad-CAM localisation of a cross-validated row on annotated lesions, against a centre prior."""
     from .explain.folds import busi_lesions, examples_figure, explain_row, mias_circles, synthetic_lesions
     from .explain.localisation import summarize
@@ -342,7 +427,8 @@ def localise(row_dir: str, manifest: str, lesions: str, mias_root: str | None, l
     else:
         source, default = synthetic_lesions(lesions_csv), modality
     modality = Modality.parse(modality or default)
-    items = explain_row(row_dir, read_manifest(manifest), modality, source, target=target)
+    items = explain_row(row_dir, read_manifest(manifest), modality, source, target=target, progress=not _quiet(),
+                        cache_dir=cache_dir)
     if not items:
         raise BreastFusionError(f"no annotated benign/malignant {modality.value} image in the row's validation folds")
     rows = summarize(e.score for e in items)
@@ -353,8 +439,6 @@ def localise(row_dir: str, manifest: str, lesions: str, mias_root: str | None, l
     for r in rows:
         table.append(f"| {r['class']} | {r['n']} | {r['gradcam_hit_rate']:.1%} | {r['prior_hit_rate']:.1%} | "
                      f"{r['gradcam_energy']:.1%} | {r['prior_energy']:.1%} | {r['lesion_fraction']:.1%} |")
-    from .files import write_text
-
     write_text(out / "localisation.md", "\n".join(table) + "\n")
     write_text(out / "localisation.json", json.dumps({"command": _command_line(), "target": target, "rows": rows,
                                                       "images": [vars(e.score) for e in items]}, indent=1))
@@ -364,12 +448,16 @@ def localise(row_dir: str, manifest: str, lesions: str, mias_root: str | None, l
 
 
 @main.command()
-@click.option("-o", "--out", "out_dir", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
-@click.option("--patients", default=300, show_default=True)
-@click.option("--epochs", type=int, default=None)
-@click.option("--lr", type=float, default=None)
-@click.option("--quiet", is_flag=True)
-def demo(out_dir: str, patients: int, epochs: int | None, lr: float | None, quiet: bool) -> None:
+@click.option("-o", "--out", "out_dir", default="runs/demo", show_default=True, type=click.Path(file_okay=False),
+              help="Run folder (the synthetic cohort goes in its cohort/ subfolder).")
+@click.option("--patients", default=300, show_default=True, help="Patients of the synthetic cohort.")
+@click.option("--epochs", type=int, default=None, help="Override every row's epochs.")
+@click.option("--lr", type=float, default=None, help="Override every row's learning rate.")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+              help="Override a config field of every row (repeatable), as for experiment.")
+@_compute_options
+def demo(out_dir: str, patients: int, epochs: int | None, lr: float | None, settings: tuple[str, ...],
+         device: str | None, cache_dir: str | None) -> None:
     """Synthetic cohort + 10-fold CV of US only, MG only and MM concatenation."""
     from .datasets.synthetic import SynthConfig, generate_cohort
     from .experiment import run_experiment
@@ -380,15 +468,16 @@ def demo(out_dir: str, patients: int, epochs: int | None, lr: float | None, quie
     data = out / "cohort"
     if not (data / "manifest.csv").is_file():
         click.echo(f"generating the synthetic cohort ({patients} patients) in {data}")
-        generate_cohort(data, SynthConfig(n_patients=patients), progress=not quiet)
+        generate_cohort(data, SynthConfig(n_patients=patients), progress=not _quiet())
     rows = demo_rows()
     for r in rows:
         if epochs is not None:
             r.train.epochs = epochs
         if lr is not None:
             r.train.lr = lr
+        _apply(r, settings, device, cache_dir)
     run_experiment(read_manifest(data / "manifest.csv"), rows, out, title="breastfusion demo (synthetic cohort)",
-                   command=_command_line(), progress=not quiet)
+                   command=_command_line(), progress=not _quiet())
     click.echo(f"report: {out / 'report.md'}  (metrics.json, roc.png, confusion.png beside it)")
 
 

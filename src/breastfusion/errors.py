@@ -1,8 +1,22 @@
-"""The project's own error types: each carries a one-line, user-facing message."""
+"""The project's own error types, each with a one-line, user-facing message, and the exit codes
+of the command line (documented in the README)."""
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    FAILURE = 1  # an unexpected error (a bug): Python's traceback
+    USAGE = 2  # the command line itself is wrong (click: unknown option, missing argument, bad KEY=VALUE)
+    INPUT = 3  # an input cannot be used: manifest, config, image, weights, cohort
+    PARTIAL = 4  # the command finished and wrote its outputs, but some of the work could not be done
 
 
 class BreastFusionError(Exception):
-    """Base class. The CLI prints its message as one line (no traceback unless --debug)."""
+    """Base class. The CLI prints its message as one line (no traceback unless --debug) and
+    exits with `exit_code`."""
+
+    exit_code = ExitCode.INPUT
 
 
 class ManifestError(BreastFusionError):
@@ -23,3 +37,10 @@ class InputImageError(BreastFusionError):
 
 class CohortError(BreastFusionError):
     """A manifest without the cases a configuration needs (e.g. no US image for a US model)."""
+
+
+class PartialFailure(BreastFusionError):
+    """Outputs were written, but part of the work was not done (rows not run, patients not
+    predicted); the message says what."""
+
+    exit_code = ExitCode.PARTIAL

@@ -4,6 +4,7 @@ Run folder::
 
     config.yaml        every row's full RunConfig
     command.txt        the command line that made it
+    breastfusion.log   every INFO line of the run (appended to when the run resumes)
     metrics.json       {"rows": [...], "provenance": {...}}
     report.md          Table 3 layout + per-row detail
     roc.png, confusion.png
@@ -16,6 +17,7 @@ Run folder::
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Sequence
@@ -32,10 +34,13 @@ from .evaluation.calibration import calibrate_folds, expected_calibration_error,
 from .evaluation.plots import plot_confusion, plot_roc
 from .evaluation.report import describe_row, evaluate_predictions, report_markdown
 from .files import atomic_path, remove_stale_temporaries, safe_name, write_text
+from .logs import log_to
 from .provenance import git_commit, machine, now, versions
 from .records import Manifest
 from .training.cv import BranchMemo, cross_validate
 from .training.distributed import Distributed
+
+log = logging.getLogger(__name__)
 
 
 def row_dirname(name: str) -> str:
@@ -81,7 +86,12 @@ def run_experiment(manifest: Manifest, rows: Sequence[RunConfig], out_dir: str |
     Under torchrun (WORLD_SIZE > 1) every rank runs this; the folds are trained by all ranks
     together (DistributedDataParallel) and only the main rank writes files and reports."""
     with Distributed.from_env() as dist:
-        return _run_experiment(manifest, rows, out_dir, title, command, progress and dist.is_main, jobs, dist)
+        if not dist.is_main:
+            return _run_experiment(manifest, rows, out_dir, title, command, False, jobs, dist)
+        with log_to(out_dir):  # out_dir/breastfusion.log: every INFO line of the run
+            log.info("%s: %d row(s) on %s (%d images, %d cases)", command or "(python API)", len(rows),
+                     manifest.source, len(manifest), len(manifest.cases()))
+            return _run_experiment(manifest, rows, out_dir, title, command, progress, jobs, dist)
 
 
 def _run_experiment(manifest: Manifest, rows: Sequence[RunConfig], out_dir: str | os.PathLike, title: str,
@@ -111,8 +121,7 @@ def _run_experiment(manifest: Manifest, rows: Sequence[RunConfig], out_dir: str 
     for row in rows:
         t0 = time.time()
         row_dir = out / "rows" / row_dirname(row.name)
-        if progress:
-            print(f"[{row.name}] cross-validating ({row.cv.folds} folds, {row.train.mode} mode)", flush=True)
+        log.info("[%s] cross-validating (%d folds, %s mode)", row.name, row.cv.folds, row.train.mode)
         try:
             result = cross_validate(manifest, row, row_dir, progress=progress, memo=memo, jobs=jobs, dist=dist)
         except (WeightsError, CohortError) as exc:
@@ -122,8 +131,7 @@ def _run_experiment(manifest: Manifest, rows: Sequence[RunConfig], out_dir: str 
             entry = describe_row(row)
             entry["not_run"] = str(exc)
             results.append(entry)
-            if progress:
-                print(f"[{row.name}] not run: {exc}", flush=True)
+            log.warning("[%s] not run: %s", row.name, exc)
             continue
         instances = result.predictions
         patient_means, patient_votes = aggregate(instances, "mean"), aggregate(instances, "vote")
@@ -147,10 +155,9 @@ def _run_experiment(manifest: Manifest, rows: Sequence[RunConfig], out_dir: str 
             entry["files"]["reliability"] = f"{rel}/reliability.png"
         results.append(entry)
         patients.append((row.name, patient_means))
-        if progress:
-            auc = entry["patient"]["auc"]
-            print(f"[{row.name}] patient AUC " + ", ".join(
-                f"{c} {auc[c]['mean']:.3f}" for c in auc) + f" ({entry['seconds']} s)", flush=True)
+        auc = entry["patient"]["auc"]
+        log.info("[%s] patient AUC %s (%s s)", row.name, ", ".join(f"{c} {auc[c]['mean']:.3f}" for c in auc),
+                 entry["seconds"])
     provenance = {
         "command": command or "(python API)",
         "manifest": f"{manifest.source} ({len(manifest)} images, {len(manifest.cases())} cases, "

@@ -42,3 +42,9 @@ def machine() -> str:
 
 def now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def stamp(command: str = "") -> dict[str, str]:
+    """What produced an output file (bundle.json, predictions.json): command, version, commit, time."""
+    return {"command": command or "(python API)", "breastfusion_version": versions()["breastfusion"],
+            "git_commit": git_commit(), "created": now()}

@@ -109,17 +109,19 @@ class Explained:
 
 def explain_row(row_dir: str | os.PathLike, manifest: Manifest, modality: Modality, lesions: LesionSource,
                 progress: bool = True, perturb: Callable[[torch.nn.Module], None] | None = None,
-                target: str = "true", align: bool = False) -> list[Explained]:
+                target: str = "true", align: bool = False,
+                cache_dir: str | os.PathLike | None = None) -> list[Explained]:
     """Grad-CAM of every annotated benign/malignant validation image of `modality`.
 
     `perturb` (optional) edits each fold network in place before explaining, e.g.
     `shuffle_weights` for the model-randomisation sanity check (Adebayo et al. 2018).
     `target`: "true" explains the image's true class, "abnormal" the evidence against normal
-    (gradcam.ABNORMAL). `align`: see gradcam.explain_instance."""
+    (gradcam.ABNORMAL). `align`: see gradcam.explain_instance. `cache_dir`: the preprocessing
+    cache (default: the row's train.cache_dir)."""
     row_dir = Path(row_dir)
     cfg = load_run_config(row_dir / CONFIG_FILE)
     size = cfg.model.backbone_for(modality).image_size
-    source = image_source(cfg)
+    source = image_source(cfg, cache_dir)
     pre = source.preprocessor(modality)
     instances, _ = build_instances(manifest.cases().values(), cfg.model.modality_set, cfg.model.slots)
     by_id = {i.instance_id: i for i in instances}

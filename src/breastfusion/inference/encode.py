@@ -21,6 +21,7 @@ import contextlib
 
 import torch
 
+from ..choices import ActivationDtype, TrainMode
 from ..config import TrainConfig
 from ..models.backbones import Backbone
 from .runtime import autocast
@@ -37,7 +38,7 @@ def stored_features(backbone: Backbone, images: torch.Tensor, stage: str | None 
 def storage_dtype(activation_dtype: str) -> torch.dtype:
     """How a partial-mode store keeps activations (`train.activation_dtype`; pooled features
     are always fp32)."""
-    return torch.float16 if activation_dtype == "fp16" else torch.float32
+    return torch.float16 if activation_dtype == ActivationDtype.FP16 else torch.float32
 
 
 def trained_part(device: torch.device, train: TrainConfig) -> contextlib.AbstractContextManager:
@@ -47,9 +48,9 @@ def trained_part(device: torch.device, train: TrainConfig) -> contextlib.Abstrac
 
 def trained_features(backbone: Backbone, images: torch.Tensor, train: TrainConfig) -> torch.Tensor:
     """The pooled features the head of a network trained with `train` received for `images`."""
-    if train.mode == "cached":
+    if train.mode == TrainMode.CACHED:
         return stored_features(backbone, images)
-    if train.mode == "partial":
+    if train.mode == TrainMode.PARTIAL:
         stage = backbone.frozen_stage
         act = stored_features(backbone, images, stage)
         act = act.to(storage_dtype(train.activation_dtype)).float()  # as stored, then as read

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import PRECISIONS
+from ..choices import Precision
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +41,10 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
     """The reduced precision autocast computes in on `device`, or None for plain fp32.
 
     "auto" is bf16 only on a CUDA GPU that has it natively (no emulation), never on a CPU."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r} not in {PRECISIONS}")
-    if precision == "bf16":
+    precision = Precision.parse(precision, "precision")
+    if precision == Precision.BF16:
         return torch.bfloat16
-    if precision == "auto" and device.type == "cuda" and torch.cuda.is_available() \
+    if precision == Precision.AUTO and device.type == "cuda" and torch.cuda.is_available() \
             and torch.cuda.is_bf16_supported(including_emulation=False):
         return torch.bfloat16
     return None

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from ..config import FROZEN_STAGES, BackboneConfig
+from ..choices import FrozenStage, Pooling, Weights
+from ..config import BackboneConfig
 from ..errors import WeightsError
 from .efficientnet_lite import LITE_VARIANTS, EfficientNetLite, convert_lite_state_dict
 from .weights import read_state_dict
@@ -64,24 +65,24 @@ BASE_DIMS = {"resnet50": 2048, "resnet18": 512, "googlenet": 1024, "efficientnet
 
 def pooled_dim(cfg: BackboneConfig) -> int:
     """The feature dimension a backbone config gives (after its pooling), without building it."""
-    return BASE_DIMS[cfg.name] * (2 if cfg.pooling == "avgmax" else 1)
+    return BASE_DIMS[cfg.name] * (2 if cfg.pooling == Pooling.AVGMAX else 1)
 
 
-def pool(feature_map: torch.Tensor, how: str = "avg", p: float = 3.0) -> torch.Tensor:
+def pool(feature_map: torch.Tensor, how: str = Pooling.AVG, p: float = 3.0) -> torch.Tensor:
     """(B, C, H, W) -> (B, C) (avgmax: (B, 2C)) global pooling.
 
     avg: the mean (the paper's ResNet50); max: the strongest response anywhere (findings of a few
     cells); gem: generalised mean (mean of x^p)^(1/p), between the two (Radenovic et al. 2018);
     avgmax: mean and max concatenated."""
-    if how == "avg":
+    if how == Pooling.AVG:
         return torch.flatten(F.adaptive_avg_pool2d(feature_map, 1), 1)
-    if how == "max":
+    if how == Pooling.MAX:
         return torch.flatten(F.adaptive_max_pool2d(feature_map, 1), 1)
-    if how == "gem":
+    if how == Pooling.GEM:
         x = feature_map.float().clamp_min(1e-6).pow(p)
         return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1).pow(1.0 / p).to(feature_map.dtype)
-    if how == "avgmax":
-        return torch.cat([pool(feature_map, "avg"), pool(feature_map, "max")], dim=1)
+    if how == Pooling.AVGMAX:
+        return torch.cat([pool(feature_map, Pooling.AVG), pool(feature_map, Pooling.MAX)], dim=1)
     raise ValueError(f"unknown pooling {how!r}")
 
 
@@ -98,7 +99,7 @@ class Backbone(nn.Module):
         self.name = name
         self.net = net
         self.pooling, self.gem_p = pooling, float(gem_p)
-        self.out_dim = out_dim * (2 if pooling == "avgmax" else 1)
+        self.out_dim = out_dim * (2 if pooling == Pooling.AVGMAX else 1)
         self._stages = stages
         self._steps = steps
         if [s for s, _ in steps if s not in stages]:
@@ -130,12 +131,12 @@ class Backbone(nn.Module):
     def _cut(self, stage: str) -> int:
         """How many steps belong to `stage` and the stages before it."""
         order = list(self._stages)
-        if stage == "none":
+        if stage == FrozenStage.NONE:
             return 0
-        if stage == "all":
+        if stage == FrozenStage.ALL:
             return len(self._steps)
         if stage not in order:
-            raise ValueError(f"unknown stage {stage!r}; expected one of {FROZEN_STAGES}")
+            raise ValueError(f"unknown stage {stage!r}; expected one of {[s.value for s in FrozenStage]}")
         upto = set(order[: order.index(stage) + 1])
         return sum(1 for s, _ in self._steps if s in upto)
 
@@ -158,12 +159,11 @@ class Backbone(nn.Module):
     # -- freezing ---------------------------------------------------------
     def freeze(self, upto: str) -> None:
         """Freeze every stage up to and including `upto` (parameters and BN statistics)."""
-        if upto not in FROZEN_STAGES:
-            raise ValueError(f"unknown stage {upto!r}; expected one of {FROZEN_STAGES}")
+        upto = FrozenStage.parse(upto, "frozen stage")
         order = list(self._stages)
-        if upto == "none":
+        if upto == FrozenStage.NONE:
             chosen: list[str] = []
-        elif upto == "all":
+        elif upto == FrozenStage.ALL:
             chosen = order
         else:
             chosen = order[: order.index(upto) + 1]
@@ -188,7 +188,7 @@ class Backbone(nn.Module):
 def build_backbone(cfg: BackboneConfig) -> Backbone:
     """Build, load weights, freeze. Raises WeightsError when weights cannot be had offline."""
     build = functools.partial(_ARCHITECTURES[cfg.name], pooling=cfg.pooling, gem_p=cfg.gem_p)
-    if cfg.weights in ("none", "", None):
+    if cfg.weights in (Weights.NONE, "", None):
         # No pretrained weights: the architecture's own initialisation under a FIXED seed,
         # so that "weights: none" names one network (cached features, saved heads and
         # exported bundles then all refer to the same backbone); the caller's RNG is untouched.
@@ -300,9 +300,9 @@ def imagenet_weights_path(name: str) -> Path:
 
 
 def load_weights(backbone: Backbone, weights: str) -> None:
-    if weights in ("none", "", None):
+    if weights in (Weights.NONE, "", None):
         return
-    path = imagenet_weights_path(backbone.name) if weights == "imagenet" else Path(weights)
+    path = imagenet_weights_path(backbone.name) if weights == Weights.IMAGENET else Path(weights)
     state = read_state_dict(path)
     if backbone.name in LITE_VARIANTS:
         state = convert_lite_state_dict(state)

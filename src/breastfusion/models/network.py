@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..choices import Fusion, Head
 from ..config import ModelConfig
 from ..vocab import N_CLASSES, Modality
 from .arcface import ArcMarginHead
@@ -56,7 +57,7 @@ class PlainFusionHead(nn.Module):
 
 def build_head(cfg: ModelConfig, feat_dims: dict[Modality, int] | int) -> nn.Module:
     """The head for backbone features of these dimensions (one per modality, or one for all)."""
-    return PlainFusionHead(cfg, feat_dims) if cfg.head == "plain" else FusionHead(cfg, feat_dims)
+    return PlainFusionHead(cfg, feat_dims) if cfg.head == Head.PLAIN else FusionHead(cfg, feat_dims)
 
 
 def feature_dims(cfg: ModelConfig) -> dict[Modality, int]:
@@ -87,7 +88,7 @@ class FusionHead(nn.Module):
             for m in self.modalities:
                 self.arc_heads[m.value] = ArcMarginHead(emb, N_CLASSES, cfg.arcface_scale, cfg.arcface_margin)
         if cfg.multimodal:
-            if cfg.fusion == "concat":
+            if cfg.fusion == Fusion.CONCAT:
                 self.classifier = ConcatFusion(emb, cfg.fusion_dims, slope, drop)
             else:
                 self.classifier = CrossAttentionFusion(emb, cfg.attention_tokens, cfg.attention_heads,

@@ -51,7 +51,7 @@ from ..inference.runtime import has_conv2d
 from ..models.backbones import build_backbone
 from ..models.network import BreastFusionNet
 from ..models.weights import read_state_dict, save_weights
-from ..provenance import now
+from ..provenance import now, stamp
 from ..vocab import CLASS_NAMES
 
 FORMAT = 1
@@ -59,7 +59,9 @@ BUNDLE_FILE = "bundle.json"
 
 
 def export_bundle(row_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                  target_malignant_sensitivity: float = 0.95, target_normal_specificity: float = 0.95) -> Path:
+                  target_malignant_sensitivity: float = 0.95, target_normal_specificity: float = 0.95,
+                  command: str = "") -> Path:
+    """`command`: the command line that asked for the bundle (recorded in bundle.json)."""
     row_dir, out = Path(row_dir), Path(out_dir)
     cfg = load_run_config(row_dir / CONFIG_FILE)
     folds = fold_dirs(row_dir)
@@ -100,6 +102,7 @@ def export_bundle(row_dir: str | os.PathLike, out_dir: str | os.PathLike,
         "format": FORMAT,
         "breastfusion_version": __version__,
         "created": now(),
+        "provenance": stamp(command),
         "name": cfg.name,
         "classes": list(CLASS_NAMES),
         "folds": fold_ids,

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -50,10 +51,13 @@ from ..inference.runtime import memory_format, pick_device, tensor_to
 from ..models.backbones import Backbone
 from ..models.network import FusionHead
 from ..preprocess.pipeline import ImageSource
+from ..provenance import stamp
 from ..records import ImageRecord, Manifest
 from ..vocab import CLASS_NAMES, Modality
 from .bundle import Bundle
 from .html import ImagePanel, InstanceRow, PatientResult, overlay_png, write_patient_report, write_worklist
+
+log = logging.getLogger(__name__)
 
 
 class FeatureBank:
@@ -167,8 +171,14 @@ def predict(manifest: Manifest, bundle: Bundle, cache_dir: str | os.PathLike = "
     source = image_source(cfg, cache_dir)
     instances, skipped = build_instances(manifest.cases().values(), cfg.model.modality_set, cfg.model.slots)
     records = list({r.path: r for i in instances for r in (*i.mg, i.us) if r is not None}.values())
+    log.info("predicting %d patient(s), %d image(s) with %s (%d fold networks) on %s",
+             len({i.case_id for i in instances}), len(records), bundle.version, len(bundle.nets), dev)
     refused = screen(records, source, progress)
+    for reason in refused.values():
+        log.warning("image refused by preprocessing: %s", reason)
     instances = without_failed(instances, refused, skipped)
+    for reason, count in skipped.items():
+        log.warning("not predicted: %d %s", count, reason)
     if not instances:
         raise CohortError(f"no patient has the images this model needs ({', '.join(cfg.model.mg_slots)} "
                           f"for MG, one US image for US): {dict(skipped)}")
@@ -184,6 +194,7 @@ def predict(manifest: Manifest, bundle: Bundle, cache_dir: str | os.PathLike = "
     patients["triage_vote"] = [CLASS_NAMES[k] for k in by_vote["pred"]]
     patients["triage_mean"] = [CLASS_NAMES[k] for k in by_mean["pred"]]
     patients["decision"] = [decide(row, points) for row in by_mean[PROBA_COLUMNS].to_numpy(float)]
+    log.info("decisions: %s", ", ".join(f"{n} {d}" for d, n in patients["decision"].value_counts().items()))
     results = []
     by_case: dict[str, list[int]] = {}
     for k, inst in enumerate(instances):
@@ -248,9 +259,10 @@ def _normalise(heat: np.ndarray) -> np.ndarray:
 
 
 def write_prediction(pred: Prediction, bundle: Bundle, out_dir: str | os.PathLike, save_arrays: bool = False,
-                     skipped_at_ingest: list[tuple[str, str]] | None = None) -> Path:
+                     skipped_at_ingest: list[tuple[str, str]] | None = None, command: str = "") -> Path:
     """Write every output (see the module docstring). `skipped_at_ingest`: (file, reason) of the
-    input files ingest could not use, so that a patient whose every file was bad is reported."""
+    input files ingest could not use, so that a patient whose every file was bad is reported.
+    `command`: the command line, recorded in predictions.json with version, commit and time."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "predictions.csv") as tmp:
@@ -277,6 +289,7 @@ def write_prediction(pred: Prediction, bundle: Bundle, out_dir: str | os.PathLik
         reports[res.case_id] = path.relative_to(out).as_posix()
     write_worklist(pred.results, model_info, out, reports)
     summary = {
+        "provenance": stamp(command),
         "model": model_info,
         "operating_points": bundle.meta["operating_points"],
         "patients": json.loads(pred.patients.to_json(orient="records")),

@@ -77,9 +77,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage as ndi
 
+from ..choices import ChestWall
 from ..vocab import Side
-
-ChestWall = Literal["left", "right"]
 
 
 @dataclass(frozen=True)
@@ -306,7 +305,7 @@ def laterality_chest_wall(side: Side | str | None) -> ChestWall | None:
     """Display convention: RIGHT breast -> chest wall at the right edge, LEFT -> left edge."""
     if side is None or side == "":
         return None
-    return "right" if Side.parse(side) is Side.RIGHT else "left"
+    return ChestWall.RIGHT if Side.parse(side) is Side.RIGHT else ChestWall.LEFT
 
 
 def chest_wall_side(img: np.ndarray, params: MammoCrop = MammoCrop(),
@@ -344,14 +343,14 @@ def chest_wall_side(img: np.ndarray, params: MammoCrop = MammoCrop(),
         lo, hi = profile[:k].sum(), profile[-k:].sum()
         big, small = max(lo, hi), min(lo, hi)
         ratio = float(big / small) if small > 0 else (float("inf") if big > 0 else 1.0)
-        votes.append(("left" if lo > hi else "right", ratio))
+        votes.append((ChestWall.LEFT if lo > hi else ChestWall.RIGHT, ratio))
     ratio = min(r for _, r in votes)
     if votes[0][0] != votes[1][0] or ratio < params.min_ratio:
         return None, ratio
     return votes[0][0], ratio
 
 
-def orient_info(img: np.ndarray, side: Side | str | None, chest_wall: ChestWall = "left",
+def orient_info(img: np.ndarray, side: Side | str | None, chest_wall: ChestWall = ChestWall.LEFT,
                 info: CropInfo | None = None, params: MammoCrop = MammoCrop(),
                 mask: np.ndarray | None = None) -> tuple[np.ndarray, CropInfo]:
     """Flip `img` so the chest wall is at `chest_wall`; return the image and the updated info.
@@ -362,7 +361,7 @@ def orient_info(img: np.ndarray, side: Side | str | None, chest_wall: ChestWall 
     leaves the image as it is (``orientation_unknown``). `mask` is the breast
     mask of `img` when the caller has it (from `crop_breast_mask`).
     """
-    if chest_wall not in ("left", "right"):
+    if chest_wall not in (ChestWall.LEFT, ChestWall.RIGHT):
         raise ValueError(f"chest_wall must be 'left' or 'right', not {chest_wall!r}")
     img = np.asarray(img, dtype=np.float32)
     if info is None:
@@ -384,7 +383,7 @@ def orient_info(img: np.ndarray, side: Side | str | None, chest_wall: ChestWall 
     return img, info.flagged(*flags, flipped=flip, chest_wall=actual)
 
 
-def orient(img: np.ndarray, side: Side | str | None, chest_wall: ChestWall = "left",
+def orient(img: np.ndarray, side: Side | str | None, chest_wall: ChestWall = ChestWall.LEFT,
            params: MammoCrop = MammoCrop()) -> np.ndarray:
     """Flip `img` horizontally so the chest wall is on the `chest_wall` side (see `orient_info`)."""
     return orient_info(img, side, chest_wall, None, params)[0]

@@ -34,17 +34,17 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
+from ..choices import ChestWall, ColourPolicy
 from ..errors import InputImageError
 from ..files import save_npy, sha256_file, write_text
 from ..ingest import pixels
 from ..vocab import Modality, Side
 from .images import pad_to_square, read_grey, resize
 from .mammo import CropInfo, MammoCrop, crop_breast_mask, orient_info
-from .ultrasound import COLOUR_POLICIES, ColourPolicy, UltrasoundCrop, apply_colour_policy, crop_scan_area
+from .ultrasound import UltrasoundCrop, apply_colour_policy, crop_scan_area
 
 FORMAT = 1  # bump when the processing changes in a way the parameters do not show
 
@@ -71,16 +71,14 @@ class Preprocessor:
 
     size: int = 224
     enabled: bool = True
-    chest_wall: Literal["left", "right", "none"] = "left"
-    colour: ColourPolicy = "reject"
+    chest_wall: ChestWall = ChestWall.LEFT
+    colour: ColourPolicy = ColourPolicy.REJECT
     mammo: MammoCrop = field(default_factory=MammoCrop)
     ultrasound: UltrasoundCrop = field(default_factory=UltrasoundCrop)
 
     def __post_init__(self):
-        if self.chest_wall not in ("left", "right", "none"):
-            raise ValueError(f"chest_wall must be left, right or none, not {self.chest_wall!r}")
-        if self.colour not in COLOUR_POLICIES:
-            raise ValueError(f"colour must be one of {', '.join(COLOUR_POLICIES)}, not {self.colour!r}")
+        object.__setattr__(self, "chest_wall", ChestWall.parse(self.chest_wall, "chest_wall"))  # frozen
+        object.__setattr__(self, "colour", ColourPolicy.parse(self.colour, "colour"))
         if int(self.size) < 1:
             raise ValueError(f"size must be positive, not {self.size}")
 
@@ -118,7 +116,7 @@ class Preprocessor:
             img, info, mask = crop_breast_mask(img, self.mammo)
         else:
             info = CropInfo(shape, (0, 0, *shape))
-        if self.chest_wall != "none":
+        if self.chest_wall != ChestWall.NONE:
             img, info = orient_info(img, side, self.chest_wall, info, self.mammo, mask)
         return img, info
 

@@ -52,17 +52,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
-from typing import Literal
 
 import numpy as np
 from scipy import ndimage as ndi
 from scipy.spatial import ConvexHull, QhullError
 
+from ..choices import ColourPolicy
 from ..errors import InputImageError
 from .mammo import CropInfo, bbox_of, downsample, upsample_mask
 
-ColourPolicy = Literal["reject", "grey"]
-COLOUR_POLICIES: tuple[str, ...] = ("reject", "grey")
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
@@ -139,11 +137,10 @@ def apply_colour_policy(rgb: np.ndarray, policy: ColourPolicy, path: str | os.Pa
     reported as acted on (``"grey"``). An image below the threshold is
     converted to luminance without a flag.
     """
-    if policy not in COLOUR_POLICIES:
-        raise ValueError(f"unknown colour policy {policy!r} (expected one of: {', '.join(COLOUR_POLICIES)})")
+    policy = ColourPolicy.parse(policy, "colour policy")
     fraction = colour_fraction(rgb, params)
     coloured = fraction > params.colour_max_fraction
-    if coloured and policy == "reject":
+    if coloured and policy == ColourPolicy.REJECT:
         raise InputImageError(
             f"{path}: colour image ({fraction:.2%} coloured pixels, over "
             f"{params.colour_max_fraction:.2%}: Doppler or colour overlay); colour policy is reject"

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .. import allocator
+from ..choices import FusionInit, Head, TrainMode
 from ..config import ModelConfig, RunConfig, to_dict
 from ..errors import BreastFusionError, CohortError, WeightsError
 from ..evaluation.aggregate import LOGIT_COLUMNS, PROBA_COLUMNS
@@ -73,7 +74,7 @@ def stored_representations(cfg: RunConfig, source: ImageSource, records: list[Im
         mine = [r for r in records if r.modality is modality]
         if not mine:
             continue
-        stage = None if t.mode == "cached" else bb.frozen  # pooled features, or the frozen stages' maps
+        stage = None if t.mode == TrainMode.CACHED else bb.frozen  # pooled features, or the frozen stages' maps
         store = FeatureStore(t.cache_dir, bb, source.cache(modality), Augment.of(t), t.feature_copies, t.seed,
                              channels_last=t.channels_last, stage=stage, dtype=t.activation_dtype)
         out.update(store.features(mine, device=device or pick_device(t.device), progress=progress))
@@ -92,7 +93,7 @@ def prepare(manifest: Manifest, cfg: RunConfig, progress: bool = True) -> CVData
     records = list({r.path: r for i in instances for r in (*i.mg, i.us) if r is not None}.values())
     source = image_source(cfg)
     features = None
-    if cfg.train.mode in ("cached", "partial"):
+    if cfg.train.mode in (TrainMode.CACHED, TrainMode.PARTIAL):
         features, failed = stored_representations(cfg, source, records, progress)
     else:
         failed = screen(records, source, progress)
@@ -104,6 +105,8 @@ def prepare(manifest: Manifest, cfg: RunConfig, progress: bool = True) -> CVData
     fold_of = assign_folds([c.case_id for c in kept], [c.label.index for c in kept],
                            [c.group for c in kept], cfg.cv.folds, cfg.cv.seed)
     splits = make_splits(fold_of, cfg.cv.folds, cfg.cv.test_folds)
+    log.info("%s: %d instance(s) of %d case(s); %d image(s) refused by preprocessing; left out: %s", cfg.name,
+             len(instances), len(kept), len(failed), dict(skipped) or "none")
     return CVData(instances, splits, skipped, source, failed, features)
 
 
@@ -241,7 +244,7 @@ def run_fold(data: CVData, split: FoldSplit, cfg: RunConfig, fold_dir: Path, pro
         fold_dir.mkdir(parents=True, exist_ok=True)  # holds checkpoints while the fold trains
     trainer = _Trainer(cfg, data, seed, device, progress and dist.is_main, memo, dist)
     pretrained = {}
-    if cfg.model.multimodal and cfg.model.fusion_init == "branches" and cfg.model.head == "paper":
+    if cfg.model.multimodal and cfg.model.fusion_init == FusionInit.BRANCHES and cfg.model.head == Head.PAPER:
         # The paper's fusion: single-modality networks trained first (same fold, same
         # splits) serve as feature extractors for the fusion layers.
         for modality in cfg.model.modality_set:
@@ -268,6 +271,8 @@ def run_fold(data: CVData, split: FoldSplit, cfg: RunConfig, fold_dir: Path, pro
         test_rows.to_csv(tmp, index=False)
     with atomic_path(fold_dir / layout.PREDICTIONS_FILE) as tmp:  # written last: its presence marks the fold done
         rows.to_csv(tmp, index=False)
+    log.info("%s fold %d: best epoch %d, test-split %s %.4f", cfg.name, split.fold, result.best_epoch,
+             cfg.train.select_by, result.best_score)
     return rows
 
 
@@ -370,8 +375,8 @@ class _Trainer:
 
     def loader(self, items: list[Instance], train: bool) -> DataLoader:
         t = self.cfg.train
-        if t.mode in ("cached", "partial"):
-            kind = "feat" if t.mode == "cached" else "act"
+        if t.mode in (TrainMode.CACHED, TrainMode.PARTIAL):
+            kind = "feat" if t.mode == TrainMode.CACHED else "act"
             data = FeatureInstances(items, self.features, train, self.seed, kind=kind)
         else:
             data = ImageInstances(items, self.source, train, self.augment, self.seed)
@@ -393,7 +398,7 @@ class _Trainer:
 
     def build(self, model_cfg: ModelConfig) -> torch.nn.Module:
         torch.manual_seed(self.seed)
-        if self.cfg.train.mode == "cached":
+        if self.cfg.train.mode == TrainMode.CACHED:
             return HeadOnly(build_head(model_cfg, feature_dims(model_cfg)))
         return BreastFusionNet(model_cfg)  # partial mode too: the later stages train on activations
 

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..choices import ActivationDtype, Pooling, Weights
 from ..config import BackboneConfig
 from ..errors import InputImageError, WeightsError
 from ..files import save_npy, sha256_file
@@ -53,9 +54,9 @@ log = logging.getLogger(__name__)
 
 
 def weights_id(cfg: BackboneConfig) -> str:
-    if cfg.weights in ("none", ""):
+    if cfg.weights in (Weights.NONE, ""):
         return "none"
-    path = imagenet_weights_path(cfg.name) if cfg.weights == "imagenet" else Path(cfg.weights)
+    path = imagenet_weights_path(cfg.name) if cfg.weights == Weights.IMAGENET else Path(cfg.weights)
     if not path.is_file():
         raise WeightsError(f"{path}: weights file not found (model.backbone.weights)")
     return sha256_file(path)[:16]
@@ -69,8 +70,8 @@ class FeatureStore:
             backbone_cfg, source, augment, copies, seed)
         self.channels_last = channels_last
         self.stage = stage
-        self.dtype_name = dtype if stage is not None else "fp32"  # pooled features: always fp32
-        self.dtype = np.float16 if self.dtype_name == "fp16" else np.float32
+        self.dtype_name = ActivationDtype(dtype) if stage is not None else ActivationDtype.FP32  # pooled: fp32
+        self.dtype = np.float16 if self.dtype_name == ActivationDtype.FP16 else np.float32
         self.failed: dict[str, str] = {}  # path -> why preprocessing refused it
         self.key = {
             "backbone": backbone_cfg.name,
@@ -83,7 +84,7 @@ class FeatureStore:
         }
         if channels_last:  # another float summation order: other (equally valid) features
             self.key["layout"] = "channels_last"
-        if backbone_cfg.pooling != "avg":  # (keys of average-pooled features stay as they were)
+        if backbone_cfg.pooling != Pooling.AVG:  # (keys of average-pooled features stay as they were)
             self.key["pooling"] = [backbone_cfg.pooling, backbone_cfg.gem_p]
         if stage is not None:
             self.key.update(stage=stage, dtype=np.dtype(self.dtype).name)
@@ -110,6 +111,9 @@ class FeatureStore:
                 self.failed[rec.path] = str(exc)
         loaded = {r.path: self._load(r) for r in unique if self._file(r).is_file()}
         missing = [r for r in unique if loaded.get(r.path) is None]
+        log.info("%s %s: %d image(s) read from the cache, %d to compute", self.backbone_cfg.name,
+                 "features" if self.stage is None else f"activations to {self.stage}", len(unique) - len(missing),
+                 len(missing))
         if missing:
             if backbone is None:
                 backbone = build_backbone(self.backbone_cfg)  # pooling and frozen stages as configured

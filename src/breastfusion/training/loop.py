@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from ..choices import Optimizer, SelectBy
 from ..config import TrainConfig
 from ..evaluation.metrics import macro_auc
 from ..files import atomic_path
@@ -74,7 +75,7 @@ def global_loss_of(out: NetOutput, target: torch.Tensor, weight: torch.Tensor, a
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optimizer == "adamw":
+    if cfg.optimizer == Optimizer.ADAMW:
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
@@ -242,7 +243,7 @@ def fit(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader, cfg
                 test_loss = float(F.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-12)),
                                              torch.from_numpy(y), weight=weight.cpu()))
                 auc = macro_auc(y, probs)
-                score = -test_loss if cfg.select_by == "loss" or math.isnan(auc) else auc
+                score = -test_loss if cfg.select_by == SelectBy.LOSS or math.isnan(auc) else auc
                 best.history.append({"epoch": epoch, "train_loss": train_loss, "test_loss": test_loss,
                                      "test_auc": auc})
                 if score > best.best_score:
