@@ -41,7 +41,8 @@ from breastfusion.explain.gradcam import CellCentres, receptive_field_centres
 from breastfusion.explain.localisation import summarize
 from breastfusion.models.backbones import build_backbone
 from breastfusion.presets import localisation_row
-from breastfusion.training.cv import prepare, run_fold
+from breastfusion.training.fold import run_fold
+from breastfusion.training.preparation import prepare
 from breastfusion.vocab import MG_SLOTS, Kind, Modality
 
 

@@ -33,7 +33,8 @@ from breastfusion.evaluation.metrics import macro_auc  # noqa: E402
 from breastfusion.presets import cpu_reference, table3_rows  # noqa: E402
 from breastfusion.provenance import git_commit, now  # noqa: E402
 from breastfusion.records import read_manifest  # noqa: E402
-from breastfusion.training.cv import prepare, run_fold  # noqa: E402
+from breastfusion.training.fold import run_fold  # noqa: E402
+from breastfusion.training.preparation import prepare  # noqa: E402
 
 DATA = {  # name -> (manifest under runs/public, how to make it)
     "busi": ("busi.csv", "breastfusion public busi ../shared/datasets/BUSI -o runs/public/busi.csv"),

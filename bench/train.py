@@ -31,8 +31,9 @@ from common import WORK, Clock, quiet_logs, record, synthetic_cohort, verdict
 
 from breastfusion.inference.runtime import memory_format, pick_device, to_device
 from breastfusion.presets import cpu_reference, demo_rows
-from breastfusion.training.cv import _Trainer, prepare
+from breastfusion.training.fold import _Trainer
 from breastfusion.training.loop import fit
+from breastfusion.training.preparation import prepare
 
 
 def config(size: int, batch: int, workers: int, mode: str):

@@ -7,19 +7,14 @@ import numpy as np
 import pytest
 
 from breastfusion.evaluation.calibration import (
-    RECALL,
-    REVIEW,
-    ROUTINE,
-    OperatingPoints,
-    choose_operating_points,
-    decide,
     expected_calibration_error,
     fit_temperature,
-    plot_reliability,
     reliability,
     softmax,
     summarize_calibration,
 )
+from breastfusion.evaluation.decision import RECALL, REVIEW, ROUTINE, OperatingPoints, choose_operating_points, decide
+from breastfusion.evaluation.plots import plot_reliability
 from breastfusion.vocab import N_CLASSES, Label
 
 MAL, NORM = Label.MALIGNANT.index, Label.NORMAL.index

@@ -109,11 +109,11 @@ def test_plain_habib_head_row_cross_validates(tmp_path):
 def test_rows_share_trained_branches_without_changing_any_result(tmp_path, monkeypatch):
     """The MM row loads the US and MG networks the single rows trained (same fold, same
     splits) instead of training them again, and its metrics are those of a run alone."""
-    import breastfusion.training.cv as cv
+    import breastfusion.training.fold as fold
 
     calls = []
-    real_fit = cv.fit
-    monkeypatch.setattr(cv, "fit", lambda *a, **k: calls.append(k.get("desc")) or real_fit(*a, **k))
+    real_fit = fold.fit
+    monkeypatch.setattr(fold, "fit", lambda *a, **k: calls.append(k.get("desc")) or real_fit(*a, **k))
     manifest = read_manifest(write_tiny_cohort(tmp_path / "data", n_cases=20))
     cross = copy.deepcopy(_rows(tmp_path, "cached")[2])
     cross.name, cross.model.fusion, cross.model.l2_normalize = "MM cross", "cross_attention", True
@@ -167,7 +167,7 @@ def test_parallel_folds_give_the_results_of_sequential_folds(tmp_path, mode):
 def test_parallel_fold_workers_get_one_gpu_each_when_there_are_several(monkeypatch):
     import torch
 
-    from breastfusion.training.cv import fold_devices
+    from breastfusion.training.execution import fold_devices
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert fold_devices(3) == ["cuda:0", "cuda:1", "cuda:0"]

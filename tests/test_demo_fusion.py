@@ -22,7 +22,8 @@ from breastfusion.inference.layout import MODEL_FILE
 from breastfusion.models.weights import load_into
 from breastfusion.presets import cpu_reference, demo_rows
 from breastfusion.records import read_manifest
-from breastfusion.training.cv import _Trainer, fold_seed, prepare
+from breastfusion.training.fold import _Trainer
+from breastfusion.training.preparation import fold_seed, prepare
 
 
 def training_auc(row, data, split, fold_dir, perturb=None) -> float:

@@ -16,7 +16,7 @@ from breastfusion.models.backbones import build_backbone
 from breastfusion.predict.bundle import export_bundle, load_bundle
 from breastfusion.predict.run import FeatureBank
 from breastfusion.records import read_manifest
-from breastfusion.training.cv import stored_representations
+from breastfusion.training.preparation import stored_representations
 from breastfusion.vocab import Modality
 
 from conftest import tiny_model_config, write_tiny_cohort

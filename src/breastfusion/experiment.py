@@ -8,7 +8,7 @@ Run folder::
     metrics.json       {"rows": [...], "provenance": {...}}
     report.md          Table 3 layout + per-row detail
     roc.png, confusion.png
-    branches/          single-modality networks shared by the rows (training.cv.BranchMemo)
+    branches/          single-modality networks shared by the rows (training/branches.py)
     rows/<name>/       config.yaml (this row alone), data.json (what it was trained on), roc.png,
                        folds/fold_K/{predictions.csv, test_predictions.csv, fit.json, model.safetensors},
                        predictions_instances.csv, predictions_patients.csv
@@ -30,14 +30,15 @@ import yaml
 from .config import RunConfig, to_dict
 from .errors import CohortError, ConfigError, WeightsError
 from .evaluation.aggregate import PROBA_COLUMNS, aggregate
-from .evaluation.calibration import calibrate_folds, expected_calibration_error, plot_reliability
-from .evaluation.plots import plot_confusion, plot_roc
+from .evaluation.calibration import calibrate_folds, expected_calibration_error
+from .evaluation.plots import plot_confusion, plot_reliability, plot_roc
 from .evaluation.report import describe_row, evaluate_predictions, report_markdown
 from .files import atomic_path, remove_stale_temporaries, safe_name, write_text
 from .logs import log_to
 from .provenance import git_commit, machine, now, versions
 from .records import Manifest
-from .training.cv import BranchMemo, cross_validate
+from .training.branches import BranchMemo
+from .training.cv import cross_validate
 from .training.distributed import Distributed
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ def row_calibration(row_dir: Path, predictions: pd.DataFrame) -> dict | None:
 def run_experiment(manifest: Manifest, rows: Sequence[RunConfig], out_dir: str | os.PathLike,
                    title: str = "breastfusion experiment", command: str = "",
                    progress: bool = True, jobs: int = 1) -> dict:
-    """Cross-validate every row (resumable); `jobs` folds at a time (see training.cv).
+    """Cross-validate every row (resumable); `jobs` folds at a time (see training/execution.py).
 
     Under torchrun (WORLD_SIZE > 1) every rank runs this; the folds are trained by all ranks
     together (DistributedDataParallel) and only the main rank writes files and reports."""

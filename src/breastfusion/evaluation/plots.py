@@ -1,4 +1,5 @@
-"""ROC curves and confusion matrices as PNG (patient level, validation folds pooled)."""
+"""ROC curves, confusion matrices and reliability diagrams as PNG (patient level, validation folds
+pooled)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 from ..files import atomic_path  # noqa: E402
 from ..vocab import CLASS_NAMES  # noqa: E402
 from .aggregate import PROBA_COLUMNS  # noqa: E402
+from .calibration import _confidence_correct, expected_calibration_error, reliability  # noqa: E402
 
 COLOURS = ("#2b8cbe", "#41ab5d", "#e34a33")
 
@@ -73,3 +75,31 @@ def _save(fig, path) -> Path:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return path
+
+
+def plot_reliability(curves: Sequence[tuple[str, np.ndarray, np.ndarray]], path: str | Path, bins: int = 15) -> Path:
+    """Reliability diagram PNG: accuracy against mean confidence per bin, one line per (name, probs, labels).
+
+    The legend gives each curve's ECE; the dashed diagonal is perfect calibration; the lower
+    panel is a histogram of the top-label confidences of every curve.
+    """
+    fig, (top, bottom) = plt.subplots(
+        2, 1, figsize=(4.8, 5.6), sharex=True, gridspec_kw={"height_ratios": (3, 1)}
+    )
+    top.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="perfect calibration")
+    edges = np.linspace(0, 1, bins + 1)
+    for name, probs, labels in curves:
+        table = reliability(probs, labels, bins)
+        ece = expected_calibration_error(probs, labels, bins)
+        conf, acc = [r["confidence"] for r in table], [r["accuracy"] for r in table]
+        (line,) = top.plot(conf, acc, marker="o", label=f"{name} (ECE {ece:.1%})")
+        confidence, _ = _confidence_correct(probs, labels)
+        bottom.hist(confidence, bins=edges, histtype="step", color=line.get_color())
+    top.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy", title="reliability")
+    top.legend(loc="upper left", fontsize="small")
+    bottom.set(xlabel="confidence", ylabel="cases")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return Path(path)

@@ -2,7 +2,8 @@
 
 The validation fold is never looked at here: model selection uses the test
 split only (method.md, evaluation protocol). Device, precision and memory layout
-are in `device.py`; training over several processes (DDP) in `distributed.py`.
+are in `inference/runtime.py`; checkpoints in `checkpoint.py`; training over several processes
+(DDP) in `distributed.py`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import copy
 import logging
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +24,10 @@ from tqdm import tqdm
 from ..choices import Optimizer, SelectBy
 from ..config import TrainConfig
 from ..evaluation.metrics import macro_auc
-from ..files import atomic_path
 from ..inference.runtime import autocast, maybe_compile, memory_format, to_device
 from ..models.network import NetOutput
 from ..vocab import N_CLASSES
+from .checkpoint import FitResult, read_checkpoint, restore_checkpoint, save_checkpoint
 from .distributed import Distributed, distributed_eval_loader, distributed_loader, is_sharded, replicate
 
 log = logging.getLogger(__name__)
@@ -122,54 +122,6 @@ def predict_proba(model: nn.Module, loader: DataLoader, device: torch.device, **
     return probabilities(logits), index
 
 
-@dataclass
-class FitResult:
-    best_epoch: int
-    best_score: float
-    history: list[dict] = field(default_factory=list)
-    resumed_after_epoch: int | None = None  # set when training continued from a checkpoint
-
-
-def _save_checkpoint(path: Path, epoch: int, model: nn.Module, optimizer, best_state, best: FitResult,
-                     generator: torch.Generator | None, rng_by_rank: list[torch.Tensor] | None = None) -> None:
-    state = {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "best_state": best_state, "best_epoch": best.best_epoch, "best_score": best.best_score,
-             "history": best.history, "torch_rng": torch.get_rng_state(),
-             "loader_rng": generator.get_state() if generator is not None else None}
-    if rng_by_rank is not None:  # distributed: every rank's own generator
-        state["torch_rng_by_rank"] = rng_by_rank
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-
-def _read_checkpoint(path: Path) -> dict | None:
-    """A checkpoint's contents (weights_only: no code runs); None when absent or unreadable."""
-    if not path.is_file():
-        return None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - a corrupt checkpoint means: start this training again
-        log.warning("%s: unusable checkpoint (%s); training from the start", path.name, exc)
-        return None
-
-
-def _restore_checkpoint(state: dict, name: str, model: nn.Module, optimizer, generator: torch.Generator | None,
-                        rank: int = 0):
-    """Put a checkpoint's training state back; None when it does not fit this training."""
-    try:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-    except Exception as exc:  # noqa: BLE001 - a checkpoint that does not fit means: start again
-        log.warning("%s: unusable checkpoint (%s); training from the start", name, exc)
-        return None
-    by_rank = state.get("torch_rng_by_rank")
-    torch.set_rng_state(by_rank[rank] if by_rank is not None and rank < len(by_rank) else state["torch_rng"])
-    if generator is not None and state["loader_rng"] is not None:
-        generator.set_state(state["loader_rng"])
-    best = FitResult(state["best_epoch"], state["best_score"], list(state["history"]))
-    return state["epoch"], state["best_state"], best
-
-
 def fit(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader, cfg: TrainConfig,
         arcface_weight: float, device: torch.device, progress: bool = True, desc: str = "train",
         checkpoint: Path | None = None, dist: Distributed | None = None) -> FitResult:
@@ -180,7 +132,7 @@ def fit(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader, cfg
     same result as if it had never stopped; the file is removed when training ends.
 
     `cfg.precision`, `cfg.channels_last` and `cfg.compile` choose how the network computes
-    (device.py). With an enabled `dist` (call on every rank; the model on `dist.device`): the
+    (inference/runtime.py). With an enabled `dist` (call on every rank; the model on `dist.device`): the
     model is trained in DistributedDataParallel on each rank's share of every batch of
     `train_loader` (a single-process loader: same batches, same loss, same selection as one
     process, see distributed.py), the test split is predicted in shards, only the main rank
@@ -202,9 +154,9 @@ def fit(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader, cfg
         optimizer = make_optimizer(model, cfg)
         start = 0
         if checkpoint is not None:
-            state = dist.broadcast_object(_read_checkpoint(checkpoint) if dist.is_main else None)
+            state = dist.broadcast_object(read_checkpoint(checkpoint) if dist.is_main else None)
             restored = None if state is None else \
-                _restore_checkpoint(state, checkpoint.name, model, optimizer, generator, dist.rank)
+                restore_checkpoint(state, checkpoint.name, model, optimizer, generator, dist.rank)
             if restored is not None:
                 last, best_state, best = restored
                 best.resumed_after_epoch = last
@@ -256,7 +208,7 @@ def fit(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader, cfg
                     if due:
                         rng_by_rank = dist.all_gather_object(torch.get_rng_state()) if dist.enabled else None
                         if dist.is_main:
-                            _save_checkpoint(checkpoint, epoch, model, optimizer, best_state, best, generator,
+                            save_checkpoint(checkpoint, epoch, model, optimizer, best_state, best, generator,
                                              rng_by_rank)
                         dist.barrier()
                         saved_at = time.monotonic()
