@@ -34,16 +34,11 @@ import pandas as pd
 import torch
 
 from .. import __version__
-from ..config import RunConfig, load_run_config, save_yaml
+from ..config import RunConfig, load_run_config, save_yaml, to_dict
 from ..errors import WeightsError
 from ..evaluation.aggregate import PROBA_COLUMNS
-from ..evaluation.calibration import (
-    OperatingPoints,
-    calibrated_patients,
-    choose_operating_points,
-    fold_temperature,
-    softmax,
-)
+from ..evaluation.calibration import calibrated_patients, fold_temperature, softmax
+from ..evaluation.decision import OperatingPoints, choose_operating_points
 from ..files import sha256_file, write_text
 from ..inference.layout import CONFIG_FILE, MODEL_FILE, TEST_PREDICTIONS_FILE, fold_dirs
 from ..inference.networks import trained_net, untrained
@@ -97,24 +92,14 @@ def export_bundle(row_dir: str | os.PathLike, out_dir: str | os.PathLike,
     for k, state in zip(fold_ids, states, strict=True):
         own = {n: v for n, v in state.items() if n not in shared}
         files[f"weights/fold_{k}.safetensors"] = save_weights(own, out / "weights" / f"fold_{k}.safetensors")
-    data_file = row_dir / "data.json"
-    meta = {
-        "format": FORMAT,
-        "breastfusion_version": __version__,
-        "created": now(),
-        "provenance": stamp(command),
-        "name": cfg.name,
-        "classes": list(CLASS_NAMES),
-        "folds": fold_ids,
-        "temperatures": temperatures,
-        "operating_points": points.to_dict(),
-        "preprocessing": {"size": {m.value: bb.image_size for m, bb in cfg.model.backbones().items()},
-                          **dataclasses.asdict(cfg.preprocess)},
-        "training_data": _training_data(data_file),
-        "source_run": row_dir.name,
-        "sha256": {name: sha256_file(path) for name, path in files.items()},
-    }
-    write_text(out / BUNDLE_FILE, json.dumps(meta, indent=1))
+    meta = BundleMeta(
+        format=FORMAT, breastfusion_version=__version__, created=now(), provenance=stamp(command), name=cfg.name,
+        classes=list(CLASS_NAMES), folds=fold_ids, temperatures=temperatures, operating_points=points,
+        preprocessing={"size": {m.value: bb.image_size for m, bb in cfg.model.backbones().items()},
+                       **to_dict(cfg.preprocess)},
+        training_data=_training_data(row_dir / "data.json"), source_run=row_dir.name,
+        sha256={name: sha256_file(path) for name, path in files.items()})
+    write_text(out / BUNDLE_FILE, json.dumps(meta.to_json(), indent=1))
     return out
 
 
@@ -127,24 +112,70 @@ def _training_data(data_file: Path) -> dict:
         raise WeightsError(f"{data_file}: unreadable ({exc}); rerun the experiment to rewrite it") from None
 
 
+@dataclass(frozen=True)
+class BundleMeta:
+    """bundle.json as a typed record: what the bundle is, how it was made and how to check it."""
+
+    format: int
+    breastfusion_version: str
+    created: str
+    name: str
+    classes: list[str]
+    folds: list[int]  # the fold networks, in order
+    temperatures: list[float]  # per fold, fitted on the fold's test split
+    operating_points: OperatingPoints  # chosen on the pooled test-split patients
+    sha256: dict[str, str]  # every file of the bundle -> its checksum
+    provenance: dict[str, str] = dataclasses.field(default_factory=dict)  # command, version, commit, time
+    preprocessing: dict = dataclasses.field(default_factory=dict)
+    training_data: dict = dataclasses.field(default_factory=dict)  # counts and manifest hash; no ids
+    source_run: str = ""
+
+    REQUIRED = ("folds", "sha256", "temperatures", "operating_points", "breastfusion_version", "created")
+
+    def to_json(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["operating_points"] = self.operating_points.to_dict()
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict, where: str) -> BundleMeta:
+        """Read bundle.json's object; a WeightsError names `where` and what is wrong."""
+        if not isinstance(data, dict):
+            raise WeightsError(f"{where}: not a bundle description (a JSON object is expected)")
+        if data.get("format") != FORMAT:
+            raise WeightsError(f"{where}: bundle format {data.get('format')!r}, this version reads {FORMAT}")
+        missing = [k for k in cls.REQUIRED if k not in data]
+        if missing:
+            raise WeightsError(f"{where}: incomplete bundle description (missing {', '.join(missing)})")
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        try:
+            values["operating_points"] = OperatingPoints.from_dict(data["operating_points"])
+            values.setdefault("name", "")
+            values.setdefault("classes", list(CLASS_NAMES))
+            return cls(**values)
+        except (TypeError, ValueError) as exc:
+            raise WeightsError(f"{where}: unreadable bundle description ({exc})") from None
+
+
 @dataclass
 class Bundle:
     root: Path
     config: RunConfig
-    meta: dict
+    meta: BundleMeta
     nets: list[BreastFusionNet]  # one per fold, in eval mode
 
     @property
     def temperatures(self) -> list[float]:
-        return list(self.meta["temperatures"])
+        return list(self.meta.temperatures)
 
     @property
     def points(self) -> OperatingPoints:
-        return OperatingPoints.from_dict(self.meta["operating_points"])
+        return self.meta.operating_points
 
     @property
     def version(self) -> str:
-        return f"{self.config.name} (breastfusion {self.meta['breastfusion_version']}, {self.meta['created']})"
+        return f"{self.config.name} (breastfusion {self.meta.breastfusion_version}, {self.meta.created})"
 
     def probabilities(self, logits_per_fold: list[np.ndarray]) -> np.ndarray:
         """Ensemble probabilities: mean over folds of softmax(logits / T_fold)."""
@@ -160,16 +191,9 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
         meta = json.loads(meta_file.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise WeightsError(f"{meta_file}: unreadable ({exc})") from None
-    if not isinstance(meta, dict):
-        raise WeightsError(f"{meta_file}: not a bundle description (a JSON object is expected)")
-    if meta.get("format") != FORMAT:
-        raise WeightsError(f"{meta_file}: bundle format {meta.get('format')!r}, this version reads {FORMAT}")
-    missing = [k for k in ("folds", "sha256", "temperatures", "operating_points", "breastfusion_version", "created")
-               if k not in meta]
-    if missing:
-        raise WeightsError(f"{meta_file}: incomplete bundle description (missing {', '.join(missing)})")
-    sums = meta.get("sha256", {})
-    expected = {"config.yaml", "weights/shared.safetensors", *(f"weights/fold_{k}.safetensors" for k in meta["folds"])}
+    meta = BundleMeta.from_json(meta, str(meta_file))
+    sums = meta.sha256
+    expected = {"config.yaml", "weights/shared.safetensors", *(f"weights/fold_{k}.safetensors" for k in meta.folds)}
     if set(sums) != expected:
         raise WeightsError(f"{meta_file}: checksums do not list exactly the bundle's files")
     for name, digest in sums.items():
@@ -190,7 +214,7 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
         if all(prefix + k in shared for k in template.state_dict()):
             common[m] = template
     nets = []
-    for k in meta["folds"]:
+    for k in meta.folds:
         state = {**shared, **read_state_dict(root / "weights" / f"fold_{k}.safetensors")}
         net = trained_net(cfg, state, backbones_from_config=False, backbones=common).eval()
         if cfg.train.channels_last and has_conv2d(net):  # the inference layout, once (not per call)

@@ -40,7 +40,7 @@ from tqdm import tqdm
 from ..config import TrainConfig
 from ..errors import CohortError
 from ..evaluation.aggregate import PROBA_COLUMNS, aggregate
-from ..evaluation.calibration import decide
+from ..evaluation.decision import decide
 from ..explain.gradcam import explain_instance
 from ..files import atomic_path, safe_name, write_text
 from ..inference.batches import instance_batch
@@ -291,7 +291,7 @@ def write_prediction(pred: Prediction, bundle: Bundle, out_dir: str | os.PathLik
     summary = {
         "provenance": stamp(command),
         "model": model_info,
-        "operating_points": bundle.meta["operating_points"],
+        "operating_points": bundle.meta.operating_points.to_dict(),
         "patients": json.loads(pred.patients.to_json(orient="records")),
         "instances": json.loads(pred.instances.to_json(orient="records")),
         "not_predicted": dict(pred.skipped),
