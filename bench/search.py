@@ -60,6 +60,10 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "mg-lite0-384-l3": ("single MG", [*PARTIAL, "model.backbone.image_size=384", "model.backbone.frozen=layer3"]),
     "mg-lite0-512-l3-gem": ("single MG", [*PARTIAL, "model.backbone.image_size=512", "model.backbone.frozen=layer3",
                                           "model.backbone.pooling=gem"]),
+    # frozen features (the table3-cpu recipe) at a mammogram's resolution, pooled for small findings
+    "mg-frozen-384-gem": ("single MG", ["model.backbone.image_size=384", "model.backbone.pooling=gem"]),
+    "mg-frozen-512-max": ("single MG", ["model.backbone.image_size=512", "model.backbone.pooling=max"]),
+    "mg-frozen-512-avgmax": ("single MG", ["model.backbone.image_size=512", "model.backbone.pooling=avgmax"]),
 }
 
 
