@@ -162,8 +162,10 @@ def virtual(mg_name: str, mg_root: str, busi_root: str, out_csv: str, seed: int,
 @click.option("--colour", type=click.Choice(["reject", "grey"]), default="reject", show_default=True,
               help="Colour (Doppler) ultrasound: refuse it, or convert it to grey.")
 @click.option("--seed", default=0, show_default=True, help="Random seed of the sample.")
+@click.option("--us-overlays", is_flag=True,
+              help="Mask and inpaint calipers and text drawn on ultrasound images (preprocess.us_overlays).")
 def contact_sheet_cmd(manifest: str, out_png: str, count: int, modality: str, size: int, colour: str,
-                      seed: int) -> None:
+                      seed: int, us_overlays: bool) -> None:
     """Before/after preprocessing of a sample of a manifest's images, as one PNG to check by eye."""
     from .preprocess.contact_sheet import contact_sheet, sample_images
     from .preprocess.pipeline import Preprocessor
@@ -173,7 +175,7 @@ def contact_sheet_cmd(manifest: str, out_png: str, count: int, modality: str, si
     records = [r for r in m.records if modality == "all" or r.modality.value == modality]
     chosen = set(sample_images([r.path for r in records], count, seed))
     items = [(r.path, r.modality, r.side) for r in records if r.path in chosen]
-    path = contact_sheet(items, Preprocessor(size=size, colour=colour), out_png)
+    path = contact_sheet(items, Preprocessor(size=size, colour=colour, us_overlays=us_overlays), out_png)
     click.echo(f"contact sheet of {len(items)} images: {path}")
 
 

@@ -74,6 +74,9 @@ class PreprocessConfig:
     enabled: bool = True  # MG breast crop, US scan-area crop; False for images that are already clean
     chest_wall: ChestWall = ChestWall.LEFT  # where every mammogram's chest wall is put (none: no flip)
     colour: ColourPolicy = ColourPolicy.REJECT  # coloured (Doppler) US images: reject (as the paper) | grey
+    # Mask and inpaint the calipers, dotted lines and text drawn on ultrasound images (our choice;
+    # preprocess/overlays.py): they are not anatomy, and not drawn on every class alike.
+    us_overlays: bool = False
 
 
 @dataclass

@@ -25,7 +25,7 @@ def image_source(cfg: RunConfig, cache_dir: str | os.PathLike | None = None) -> 
     """The preprocessed images a config's model sees, each modality at its backbone's input
     size (cached in `cache_dir`, default the config's)."""
     p = cfg.preprocess
-    pre = Preprocessor(enabled=p.enabled, chest_wall=p.chest_wall, colour=p.colour)
+    pre = Preprocessor(enabled=p.enabled, chest_wall=p.chest_wall, colour=p.colour, us_overlays=p.us_overlays)
     sizes = {m: bb.image_size for m, bb in cfg.model.backbones().items()}
     return ImageSource.sized(cache_dir or cfg.train.cache_dir, pre, sizes)
 

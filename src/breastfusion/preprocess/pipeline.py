@@ -44,6 +44,7 @@ from ..ingest import pixels
 from ..vocab import Modality, Side
 from .images import pad_to_square, read_grey, resize
 from .mammo import CropInfo, MammoCrop, crop_breast_mask, orient_info
+from .overlays import OverlayParams, remove_overlays
 from .ultrasound import UltrasoundCrop, apply_colour_policy, crop_scan_area
 
 FORMAT = 1  # bump when the processing changes in a way the parameters do not show
@@ -67,6 +68,9 @@ class Preprocessor:
         as the paper excluded Doppler images) or "grey" (luminance, flagged).
     mammo: breast crop and orientation parameters (`MammoCrop`).
     ultrasound: scan-area crop and colour thresholds (`UltrasoundCrop`).
+    us_overlays: mask and inpaint the marks drawn on ultrasound images (calipers, text; see
+        overlays.py); off by default, and then not part of the cache key.
+    overlay: the overlay mask's parameters (`OverlayParams`).
     """
 
     size: int = 224
@@ -75,6 +79,8 @@ class Preprocessor:
     colour: ColourPolicy = ColourPolicy.REJECT
     mammo: MammoCrop = field(default_factory=MammoCrop)
     ultrasound: UltrasoundCrop = field(default_factory=UltrasoundCrop)
+    us_overlays: bool = False
+    overlay: OverlayParams = field(default_factory=OverlayParams)
 
     def __post_init__(self):
         object.__setattr__(self, "chest_wall", ChestWall.parse(self.chest_wall, "chest_wall"))  # frozen
@@ -84,7 +90,10 @@ class Preprocessor:
 
     def key(self) -> dict:
         """Every parameter, as plain JSON values, plus the format number (for cache keys)."""
-        return {**asdict(self), "format": FORMAT}
+        key = {**asdict(self), "format": FORMAT}
+        if not self.us_overlays:  # (keys of caches made before the option existed stay as they were)
+            del key["us_overlays"], key["overlay"]
+        return key
 
     def key_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.key(), sort_keys=True).encode()).hexdigest()[:16]
@@ -133,6 +142,9 @@ class Preprocessor:
             img, info = crop_scan_area(grey, None, self.ultrasound)
         else:
             img, info = grey, CropInfo((int(grey.shape[0]), int(grey.shape[1])), (0, 0, *grey.shape))
+        if self.us_overlays:
+            img, share = remove_overlays(img, self.overlay)
+            flags = (*flags, "overlays_removed") if share > 0 else flags
         return img, info.flagged(*flags, colour_fraction=fraction)
 
 
