@@ -38,14 +38,21 @@ def test_config_prints_a_preset_row_that_round_trips():
     assert row["model"]["fusion"] == "cross_attention" and row["model"]["attention_heads"] == 1
 
 
-def test_experiment_from_a_config_file(tmp_path):
+def _tiny_us(tmp_path, name="US", *more):
+    """(manifest, config file) of a tiny cached-mode US row (and `more` rows), ready for `experiment`."""
     manifest = write_tiny_cohort(tmp_path / "data", n_cases=12)
     model = tiny_model_config(modalities=["US"],
                               backbone=BackboneConfig(name="resnet18", weights="none", frozen="all", image_size=32))
-    row = RunConfig(name="tiny US", model=model, cv=CVConfig(folds=4, test_folds=1),
+    row = RunConfig(name=name, model=model, cv=CVConfig(folds=4, test_folds=1),
                     train=TrainConfig(mode="cached", epochs=1, batch_size=8, cache_dir=str(tmp_path / "cache")))
+    rows = [row, *(edit(copy.deepcopy(row)) for edit in more)]
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump({"rows": [to_dict(row)]}))
+    cfg.write_text(yaml.safe_dump({"rows": [to_dict(r) for r in rows]}))
+    return manifest, cfg
+
+
+def test_experiment_from_a_config_file(tmp_path):
+    manifest, cfg = _tiny_us(tmp_path, "tiny US")
     out = CliRunner().invoke(main, ["experiment", str(cfg), "--manifest", str(manifest), "-o",
                                     str(tmp_path / "run"), "--quiet", "--set", "train.epochs=2",
                                     "--set", "model.us_backbone.pooling=gem", "--set", "train.lr=3e-4"])
@@ -107,17 +114,14 @@ def test_exit_codes_usage_input_and_partial_failure(tmp_path):
     assert missing.exit_code == 3 and missing.output.startswith("error: ")  # input
     # one row runs, one cannot (GoogLeNet's ImageNet weights are not on this machine): outputs
     # are written and the command says so with exit code 4
-    manifest = write_tiny_cohort(tmp_path / "data", n_cases=12)
-    model = tiny_model_config(modalities=["US"],
-                              backbone=BackboneConfig(name="resnet18", weights="none", frozen="all", image_size=32))
-    train = TrainConfig(mode="cached", epochs=1, batch_size=8, cache_dir=str(tmp_path / "cache"))
-    good = RunConfig(name="US", model=model, cv=CVConfig(folds=4, test_folds=1), train=train)
-    bad = copy.deepcopy(good)
-    bad.name = "GoogLeNet US"
-    bad.model.backbone = BackboneConfig(name="googlenet", weights=str(tmp_path / "no-such-weights.pth"),
-                                        frozen="all", image_size=32)
-    cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump({"rows": [to_dict(good), to_dict(bad)]}))
+
+    def googlenet(row):
+        row.name = "GoogLeNet US"
+        row.model.backbone = BackboneConfig(name="googlenet", weights=str(tmp_path / "no-such-weights.pth"),
+                                            frozen="all", image_size=32)
+        return row
+
+    manifest, cfg = _tiny_us(tmp_path, "US", googlenet)
     out = runner.invoke(main, ["experiment", str(cfg), "--manifest", str(manifest), "-o", str(tmp_path / "run"),
                                "--quiet", "--device", "cpu", "--cache-dir", str(tmp_path / "other-cache")])
     assert out.exit_code == 4, out.output
@@ -128,13 +132,7 @@ def test_exit_codes_usage_input_and_partial_failure(tmp_path):
 
 
 def test_quiet_and_verbose_set_the_console_level(tmp_path):
-    manifest = write_tiny_cohort(tmp_path / "data", n_cases=12)
-    model = tiny_model_config(modalities=["US"],
-                              backbone=BackboneConfig(name="resnet18", weights="none", frozen="all", image_size=32))
-    row = RunConfig(name="US", model=model, cv=CVConfig(folds=4, test_folds=1),
-                    train=TrainConfig(mode="cached", epochs=1, batch_size=8, cache_dir=str(tmp_path / "cache")))
-    cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump({"rows": [to_dict(row)]}))
+    manifest, cfg = _tiny_us(tmp_path)
     args = ["experiment", str(cfg), "--manifest", str(manifest)]
     quiet = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "q"), "--quiet"])
     loud = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "v"), "--verbose"])
