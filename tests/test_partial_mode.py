@@ -44,7 +44,7 @@ def _store(tmp_path, bb, cache, stage, dtype="fp32", copies=1):
 
 
 @pytest.mark.parametrize("name, stage", [("resnet18", "layer2"), ("efficientnet_lite0", "layer3"),
-                                         ("efficientnet_lite0", "stem")])
+                                         ("efficientnet_lite0", "stem"), ("resnet18", "all")])
 def test_partial_mode_gives_the_fine_tune_logits_of_the_same_network(tmp_path, name, stage):
     bb = BackboneConfig(name=name, weights="none", frozen=stage, image_size=48)
     cfg, instances, net, cache, source, records = _setup(tmp_path, bb, 48)

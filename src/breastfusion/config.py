@@ -220,9 +220,9 @@ class RunConfig:
             if t.mode == TrainMode.CACHED and bb.frozen != FrozenStage.ALL:
                 problems.append(f"train.mode cached needs backbone.frozen: all ({mod.value}: the backbone "
                                 "is not trained)")
-            if t.mode == TrainMode.PARTIAL and bb.frozen in (FrozenStage.NONE, FrozenStage.ALL):
+            if t.mode == TrainMode.PARTIAL and bb.frozen == FrozenStage.NONE:
                 problems.append(f"train.mode partial needs a backbone frozen up to a stage ({mod.value}: "
-                                f"frozen {bb.frozen!r}; stem, layer1, layer2 or layer3)")
+                                "frozen 'none'; stem, layer1, layer2, layer3, or all for a branch kept frozen)")
         if not 1 <= self.cv.test_folds <= self.cv.folds - 2:
             problems.append("cv.test_folds must leave at least one training fold")
         if problems:
