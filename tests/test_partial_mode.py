@@ -15,6 +15,7 @@ from breastfusion.config import BackboneConfig, CVConfig, RunConfig, TrainConfig
 from breastfusion.experiment import run_experiment
 from breastfusion.inference.instances import build_instances
 from breastfusion.models.network import BreastFusionNet
+from breastfusion.models.weights import read_state_dict
 from breastfusion.preprocess.pipeline import ImageSource, PreprocessCache, Preprocessor
 from breastfusion.records import read_manifest
 from breastfusion.training.augment import Augment
@@ -166,3 +167,24 @@ def test_partial_mode_cross_validation_runs_and_resumes_to_the_same_metrics(tmp_
     again = run_experiment(manifest, [row], tmp_path / "run", progress=False)
     levels = ("instance", "patient", "patient_mean")
     assert json.dumps([first["rows"][0][k] for k in levels]) == json.dumps([again["rows"][0][k] for k in levels])
+
+
+def test_fusion_leaves_frozen_branches_exactly_as_trained(tmp_path):
+    """Partial mode, the paper's fusion on frozen branches: training the fusion changes no tensor
+    of the transferred US backbone, BatchNorm running statistics included."""
+    manifest = read_manifest(write_tiny_cohort(tmp_path / "data", n_cases=12, size=40))
+    model = tiny_model_config(backbone=BackboneConfig(name="resnet18", weights="none", frozen="layer2",
+                                                      image_size=32))
+    train = TrainConfig(mode="partial", epochs=2, batch_size=8, feature_copies=1, activation_dtype="fp32",
+                        cache_dir=str(tmp_path / "cache"))
+    rows = [RunConfig(name=name, model=type(model)(**{**model.__dict__, "modalities": mods}), train=train,
+                      cv=CVConfig(folds=3, test_folds=1)) for name, mods in (("US", ["US"]), ("MM", ["MG", "US"]))]
+    run_experiment(manifest, rows, tmp_path / "run", progress=False)
+    branches = [read_state_dict(f) for f in (tmp_path / "run" / "branches").glob("*.safetensors")]
+    us_branches = [{k: v for k, v in s.items() if k.startswith("us_backbone.")} for s in branches
+                   if any(k.startswith("us_backbone.") for k in s)]
+    assert len(us_branches) == 3
+    for fold in range(3):
+        mm = read_state_dict(tmp_path / "run" / "rows" / "MM" / "folds" / f"fold_{fold}" / "model.safetensors")
+        mine = {k: v for k, v in mm.items() if k.startswith("us_backbone.")}
+        assert any(mine.keys() == b.keys() and all(torch.equal(mine[k], b[k]) for k in b) for b in us_branches)

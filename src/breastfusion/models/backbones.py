@@ -174,6 +174,14 @@ class Backbone(nn.Module):
                 p.requires_grad_(False)
         self.train(self.training)
 
+    def hold(self) -> None:
+        """Keep every stage fixed, parameters and BatchNorm statistics, without moving the
+        trunk / tail split (`frozen_stage`): a trained branch used as a feature extractor."""
+        self._frozen = [m for stage in self._stages.values() for m in stage]
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.train(self.training)
+
     @property
     def fully_frozen(self) -> bool:
         return not any(p.requires_grad for p in self.parameters())

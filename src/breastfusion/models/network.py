@@ -205,7 +205,9 @@ def _branch_prefixes(modality: Modality) -> tuple[str, ...]:
 
 def transfer_branch(source: nn.Module, target: nn.Module, modality: Modality, freeze: bool = True) -> int:
     """Copy one modality's branch (backbone if both have one, MLP, ArcFace) from a trained
-    single-modality model into a multimodal one; optionally freeze it there. Returns tensors copied."""
+    single-modality model into a multimodal one; optionally freeze it there (parameters, and the
+    backbone's BatchNorm statistics: training the fusion leaves the branch exactly as trained).
+    Returns tensors copied."""
     prefixes = _branch_prefixes(modality)
     src = source.state_dict()
     own = target.state_dict()
@@ -217,4 +219,6 @@ def transfer_branch(source: nn.Module, target: nn.Module, modality: Modality, fr
         for name, param in target.named_parameters():
             if name.startswith(prefixes):
                 param.requires_grad_(False)
+        if isinstance(target, BreastFusionNet):  # its BatchNorm statistics stay the branch's too
+            target.backbone(modality).hold()
     return len(copied)
