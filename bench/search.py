@@ -65,6 +65,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "mg-frozen-512-max": ("single MG", ["model.backbone.image_size=512", "model.backbone.pooling=max"]),
     "mg-frozen-512-avgmax": ("single MG", ["model.backbone.image_size=512", "model.backbone.pooling=avgmax"]),
     # fusion on the virtual cohort: the US branch fine-tuned partially (as us-lite0-224-l3), MG frozen
+    "mm-frozen-128": ("concat MM", []),  # the old preset's fusion row, for reference
     "mm-us224l3-mgfrozen": ("concat MM", [*PARTIAL, "model.us_backbone.image_size=224",
                                           "model.us_backbone.frozen=layer3"]),
     "us-us224l3-mgfrozen": ("single US", [*PARTIAL, "model.us_backbone.image_size=224",
