@@ -12,6 +12,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from breastfusion.config import BackboneConfig, CVConfig, RunConfig, TrainConfig
+from breastfusion.evaluation.metrics import macro_auc
 from breastfusion.experiment import run_experiment
 from breastfusion.inference.instances import build_instances
 from breastfusion.models.network import BreastFusionNet
@@ -188,3 +189,11 @@ def test_fusion_leaves_frozen_branches_exactly_as_trained(tmp_path):
         mm = read_state_dict(tmp_path / "run" / "rows" / "MM" / "folds" / f"fold_{fold}" / "model.safetensors")
         mine = {k: v for k, v in mm.items() if k.startswith("us_backbone.")}
         assert any(mine.keys() == b.keys() and all(torch.equal(mine[k], b[k]) for k in b) for b in us_branches)
+        # the fusion trained on the branches' pooled features, computed once per image and copy
+        # (Trainer.frozen_branch_features); the fold's test split, predicted afterwards through the
+        # branches' later stages from the cached activations, gives the score training selected by
+        fold_dir = tmp_path / "run" / "rows" / "MM" / "folds" / f"fold_{fold}"
+        fit = json.loads((fold_dir / "fit.json").read_text())
+        test = pd.read_csv(fold_dir / "test_predictions.csv")
+        again = macro_auc(test["label"].to_numpy(int), test[["p_normal", "p_benign", "p_malignant"]].to_numpy(float))
+        assert abs(again - fit["best_test_score"]) < 1e-6, (again, fit["best_test_score"])

@@ -19,10 +19,12 @@ from ..errors import BreastFusionError
 from ..evaluation.aggregate import LOGIT_COLUMNS, PROBA_COLUMNS
 from ..files import atomic_path, write_text
 from ..inference import layout
+from ..inference.encode import trained_part
 from ..inference.instances import Instance
-from ..inference.runtime import loader_kwargs, pick_device
+from ..inference.runtime import loader_kwargs, memory_format, pick_device, tensor_to
 from ..models.network import BreastFusionNet, HeadOnly, build_head, feature_dims, transfer_branch
 from ..models.weights import save_weights
+from ..vocab import Modality
 from .augment import Augment
 from .branches import BranchMemo, only, single_modality
 from .data import FeatureInstances, ImageInstances
@@ -113,9 +115,14 @@ class _Trainer:
         self.features, self.source = data.features, data.source
         self.augment = Augment.of(cfg.train)
 
-    def loader(self, items: list[Instance], train: bool) -> DataLoader:
+    def loader(self, items: list[Instance], train: bool, features: dict[str, np.ndarray] | None = None
+               ) -> DataLoader:
+        """Batches of `items`: images, cached features or activations as the mode says, or the
+        pooled `features` given (a fusion trained on frozen branches, `frozen_branch_features`)."""
         t = self.cfg.train
-        if t.mode in (TrainMode.CACHED, TrainMode.PARTIAL):
+        if features is not None:
+            data = FeatureInstances(items, features, train, self.seed, kind="feat")
+        elif t.mode in (TrainMode.CACHED, TrainMode.PARTIAL):
             kind = "feat" if t.mode == TrainMode.CACHED else "act"
             data = FeatureInstances(items, self.features, train, self.seed, kind=kind)
         else:
@@ -135,6 +142,33 @@ class _Trainer:
         logits, index = predict_logits(model, self.loader(items, False), self.device, precision=t.precision,
                                        channels_last=t.channels_last, dist=self.dist)
         return _prediction_table(logits, index, items, fold)
+
+    @torch.no_grad()
+    def frozen_branch_features(self, model: BreastFusionNet, items: list[Instance], batch: int = 128
+                               ) -> dict[str, np.ndarray]:
+        """Partial mode, fusion on frozen branches: every image's cached activation copies through
+        its branch's later stages (held, eval mode) and pooling, as the fusion's forward pass would
+        compute them (same precision and memory layout). path -> (1 + copies, D) float32."""
+        t = self.cfg.train
+        out: dict[str, np.ndarray] = {}
+        was_training = model.training
+        model.eval()
+        with memory_format(model, t.channels_last) as cl:
+            for modality in model.head.modalities:
+                paths = sorted({r.path for i in items for r in (i.mg if modality is Modality.MG else (i.us,))
+                                if r is not None})
+                backbone = model.backbone(modality)
+                for start in range(0, len(paths), max(1, batch // 4)):
+                    chunk = paths[start:start + max(1, batch // 4)]
+                    acts = [np.asarray(self.features[p], dtype=np.float32) for p in chunk]
+                    x = tensor_to(torch.from_numpy(np.concatenate(acts)), self.device, cl)
+                    with trained_part(self.device, t):
+                        pooled = backbone.tail(x).float().cpu().numpy()
+                    for p, rows in zip(chunk, np.split(pooled, np.cumsum([len(a) for a in acts])[:-1]),
+                                       strict=True):
+                        out[p] = rows
+        model.train(was_training)
+        return out
 
     def build(self, model_cfg: ModelConfig) -> torch.nn.Module:
         torch.manual_seed(self.seed)
@@ -159,7 +193,13 @@ class _Trainer:
         for modality, source in (branches or {}).items():
             transfer_branch(source, model, modality, freeze=model_cfg.freeze_branches)
         model = model.to(self.device)
-        result = fit(model, self.loader(train, True), self.loader(test, False), self.cfg.train,
+        feats = None
+        if self.cfg.train.mode == TrainMode.PARTIAL and model_cfg.freeze_branches and branches \
+                and set(branches) >= set(model_cfg.modality_set):
+            # the branches are held as trained: their pooled features are fixed, computed once
+            # per image and copy instead of once per epoch, and only the fusion trains on them
+            feats = self.frozen_branch_features(model, train + test)
+        result = fit(model, self.loader(train, True, feats), self.loader(test, False, feats), self.cfg.train,
                      model_cfg.arcface_loss_weight, self.device, progress=self.progress, desc=desc,
                      checkpoint=checkpoint, dist=self.dist)
         if key is not None and self.dist.is_main:
