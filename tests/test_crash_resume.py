@@ -30,7 +30,7 @@ def test_kill_9_mid_run_then_resume_gives_the_uninterrupted_metrics(tmp_path):
     rows = [RunConfig(name=name, model=type(model)(**{**model.__dict__, "modalities": mods}),
                       train=TrainConfig(mode="cached", epochs=12, batch_size=8, feature_copies=1,
                                         cache_dir=str(tmp_path / "cache")),
-                      cv=CVConfig(folds=5, test_folds=1))
+                      cv=CVConfig(folds=3, test_folds=1))
             for name, mods in (("US", ["US"]), ("MM", ["MG", "US"]))]
     cfg = tmp_path / "rows.yaml"
     cfg.write_text(yaml.safe_dump({"rows": [to_dict(r) for r in rows]}))
@@ -92,7 +92,7 @@ def test_kill_9_inside_a_fold_resumes_from_the_epoch_checkpoint_with_identical_m
     model = tiny_model_config(modalities=["US"],
                               backbone=BackboneConfig(name="resnet18", weights="none", frozen="all", image_size=32))
     row = RunConfig(name="US", model=model, cv=CVConfig(folds=3, test_folds=1),
-                    train=TrainConfig(mode="cached", epochs=150, batch_size=4, feature_copies=1,
+                    train=TrainConfig(mode="cached", epochs=100, batch_size=4, feature_copies=1,
                                       cache_dir=str(tmp_path / "cache"), checkpoint_seconds=0))
     cfg = tmp_path / "row.yaml"
     cfg.write_text(yaml.safe_dump(to_dict(row)))
@@ -114,8 +114,8 @@ def test_kill_9_inside_a_fold_resumes_from_the_epoch_checkpoint_with_identical_m
     subprocess.run(_experiment(cfg, manifest, killed), env=env, check=True, capture_output=True)
     subprocess.run(_experiment(cfg, manifest, tmp_path / "clean"), env=env, check=True, capture_output=True)
     fit = json.loads((fold0 / "fit.json").read_text())
-    assert fit["resumed_after_epoch"] is not None and 0 <= fit["resumed_after_epoch"] < 149
-    assert len(fit["history"]) == 150 and not list(fold0.glob("checkpoint*.pt"))
+    assert fit["resumed_after_epoch"] is not None and 0 <= fit["resumed_after_epoch"] < 99
+    assert len(fit["history"]) == 100 and not list(fold0.glob("checkpoint*.pt"))
     resumed = json.loads((killed / "metrics.json").read_text())
     clean = json.loads((tmp_path / "clean" / "metrics.json").read_text())
     assert _levels(resumed) == _levels(clean)

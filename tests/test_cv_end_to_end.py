@@ -150,7 +150,7 @@ def test_parallel_folds_give_the_results_of_sequential_folds(tmp_path, mode):
     """--jobs 2: folds trained in two worker processes, each with its share of the threads."""
     manifest = read_manifest(write_tiny_cohort(tmp_path / "data", n_cases=20))
     rows = _rows(tmp_path, mode)[2:]
-    rows[0].cv.folds = 3
+    rows[0].cv.folds, rows[0].train.epochs = 3, 1
     one = run_experiment(manifest, rows, tmp_path / "one", progress=False)
     two = run_experiment(manifest, copy.deepcopy(rows), tmp_path / "two", progress=False, jobs=2)
     a, b = one["rows"][0], two["rows"][0]
