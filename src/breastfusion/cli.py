@@ -205,7 +205,6 @@ def config_cmd(preset_name: str | None, row: str | None, write_dir: str | None) 
 
     if write_dir is not None:
         for name in [preset_name] if preset_name else list(PRESETS):
-            preset(name)  # an unknown name fails here
             path = write_text(Path(write_dir) / f"{name}.yaml", preset_yaml(name))
             click.echo(f"{name} -> {path}")
         return

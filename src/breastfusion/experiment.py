@@ -34,6 +34,7 @@ from .evaluation.calibration import calibrate_folds, expected_calibration_error
 from .evaluation.plots import plot_confusion, plot_reliability, plot_roc
 from .evaluation.report import describe_row, evaluate_predictions, report_markdown
 from .files import atomic_path, remove_stale_temporaries, safe_name, write_text
+from .inference import layout
 from .logs import log_to
 from .provenance import git_commit, machine, now, versions
 from .records import Manifest
@@ -65,7 +66,7 @@ def row_calibration(row_dir: Path, predictions: pd.DataFrame) -> dict | None:
     folds (`predictions`, all folds) at patient level: ECE before and after, reliability diagram."""
     folds = []
     for fold, val in predictions.groupby("fold", sort=True):
-        test = row_dir / "folds" / f"fold_{fold}" / "test_predictions.csv"
+        test = layout.fold_dir(row_dir, fold) / layout.TEST_PREDICTIONS_FILE
         if not test.is_file():
             return None  # folds from a version that did not keep test-split logits
         folds.append((pd.read_csv(test), val))
@@ -139,7 +140,7 @@ def _run_experiment(manifest: Manifest, rows: Sequence[RunConfig], out_dir: str 
         for name, table in (("predictions_instances.csv", instances), ("predictions_patients.csv", patient_votes)):
             with atomic_path(row_dir / name) as tmp:
                 table.to_csv(tmp, index=False)
-        write_text(row_dir / "config.yaml", yaml.safe_dump(to_dict(row), sort_keys=False))
+        write_text(row_dir / layout.CONFIG_FILE, yaml.safe_dump(to_dict(row), sort_keys=False))
         write_text(row_dir / "data.json", json.dumps(training_data(manifest, result), indent=1))
         plot_roc([(row.name, patient_means)], row_dir / "roc.png")
         calibration = row_calibration(row_dir, instances)

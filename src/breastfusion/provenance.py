@@ -10,6 +10,8 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
+from . import __version__
+
 
 def git_commit() -> str:
     here = Path(__file__).resolve().parent
@@ -46,5 +48,5 @@ def now() -> str:
 
 def stamp(command: str = "") -> dict[str, str]:
     """What produced an output file (bundle.json, predictions.json): command, version, commit, time."""
-    return {"command": command or "(python API)", "breastfusion_version": versions()["breastfusion"],
+    return {"command": command or "(python API)", "breastfusion_version": __version__,
             "git_commit": git_commit(), "created": now()}

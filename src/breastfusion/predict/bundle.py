@@ -33,7 +33,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import __version__
 from ..config import RunConfig, load_run_config, save_yaml, to_dict
 from ..errors import WeightsError
 from ..evaluation.aggregate import PROBA_COLUMNS
@@ -46,7 +45,7 @@ from ..inference.runtime import has_conv2d
 from ..models.backbones import build_backbone
 from ..models.network import BreastFusionNet
 from ..models.weights import read_state_dict, save_weights
-from ..provenance import now, stamp
+from ..provenance import stamp
 from ..vocab import CLASS_NAMES
 
 FORMAT = 1
@@ -92,8 +91,10 @@ def export_bundle(row_dir: str | os.PathLike, out_dir: str | os.PathLike,
     for k, state in zip(fold_ids, states, strict=True):
         own = {n: v for n, v in state.items() if n not in shared}
         files[f"weights/fold_{k}.safetensors"] = save_weights(own, out / "weights" / f"fold_{k}.safetensors")
+    made = stamp(command)
     meta = BundleMeta(
-        format=FORMAT, breastfusion_version=__version__, created=now(), provenance=stamp(command), name=cfg.name,
+        format=FORMAT, breastfusion_version=made["breastfusion_version"], created=made["created"], provenance=made,
+        name=cfg.name,
         classes=list(CLASS_NAMES), folds=fold_ids, temperatures=temperatures, operating_points=points,
         preprocessing={"size": {m.value: bb.image_size for m, bb in cfg.model.backbones().items()},
                        **to_dict(cfg.preprocess)},

@@ -67,7 +67,7 @@ class FeatureBank:
 
     def __init__(self, source: ImageSource, device: torch.device, train: TrainConfig, batch_size: int = 32):
         self.source, self.device, self.batch_size = source, device, batch_size
-        self.train, self.channels_last = train, train.channels_last
+        self.train = train
         self._store: dict[tuple[int, str], torch.Tensor] = {}
 
     def encode(self, backbone: Backbone, records: list[ImageRecord]) -> None:
@@ -77,7 +77,7 @@ class FeatureBank:
         backbone.eval()
         chunks = [todo[k:k + self.batch_size] for k in range(0, len(todo), self.batch_size)]
         # the next chunk is read from the cache while the backbone works on this one
-        with torch.no_grad(), memory_format(backbone, self.channels_last) as cl, \
+        with torch.no_grad(), memory_format(backbone, self.train.channels_last) as cl, \
                 ThreadPoolExecutor(max_workers=1) as reader:
             pending = reader.submit(self._images, chunks[0], cl)
             for k, chunk in enumerate(chunks):

@@ -22,17 +22,16 @@ from ..files import write_text
 from ..inference.instances import Instance
 from ..models.weights import load_into, save_weights
 from ..vocab import Modality
-from .loop import FitResult
+from .checkpoint import FitResult
 
 log = logging.getLogger(__name__)
 
 
+# Training settings that change no number (the memo key leaves them out).
 NUMBER_NEUTRAL = ("checkpoint_seconds", "num_workers")
 
 # Fields that only shape the fusion of two modalities: a single-modality network does not
 # depend on them, so they are reset to their defaults in its config.
-
-
 FUSION_ONLY_FIELDS = ("fusion", "fusion_init", "freeze_branches", "fusion_dims", "attention_heads",
                       "attention_tokens", "l2_normalize")
 

@@ -58,7 +58,7 @@ def cross_validate(manifest: Manifest, cfg: RunConfig, out_dir: str | os.PathLik
         out_dir.mkdir(parents=True, exist_ok=True)
         write_text(out_dir / "refused_images.json", json.dumps(data.failed, indent=1))
     todo = dist.broadcast_object(  # the main rank's view of what is done
-        [s for s in data.splits if not (layout.fold_dir(out_dir, s.fold) / layout.PREDICTIONS_FILE).is_file()])
+        [s for s in data.splits if not layout.fold_done(out_dir, s.fold)])
     run_folds(data, todo, cfg, out_dir, progress, memo, jobs, dist)
     frames = [pd.read_csv(layout.fold_dir(out_dir, s.fold) / layout.PREDICTIONS_FILE) for s in data.splits]
     return CVResult(pd.concat(frames, ignore_index=True), data)

@@ -42,7 +42,7 @@ from ..choices import ActivationDtype, Pooling, Weights
 from ..config import BackboneConfig
 from ..errors import InputImageError, WeightsError
 from ..files import save_npy, sha256_file
-from ..inference.encode import storage_dtype, stored_features
+from ..inference.encode import stored_features
 from ..inference.runtime import memory_format, tensor_to
 from ..models.backbones import Backbone, build_backbone, imagenet_weights_path
 from ..preprocess.pipeline import PreprocessCache
@@ -70,8 +70,7 @@ class FeatureStore:
             backbone_cfg, source, augment, copies, seed)
         self.channels_last = channels_last
         self.stage = stage
-        self.dtype_name = ActivationDtype(dtype) if stage is not None else ActivationDtype.FP32  # pooled: fp32
-        self.dtype = np.float16 if self.dtype_name == ActivationDtype.FP16 else np.float32
+        self.dtype = np.float16 if stage is not None and dtype == ActivationDtype.FP16 else np.float32  # pooled: fp32
         self.failed: dict[str, str] = {}  # path -> why preprocessing refused it
         self.key = {
             "backbone": backbone_cfg.name,
@@ -169,7 +168,7 @@ class FeatureStore:
             if images:
                 batch = tensor_to(torch.stack(images), torch.device(device), channels_last)
                 out = stored_features(backbone, batch, self.stage)
-                feats = out.cpu().to(storage_dtype(self.dtype_name)).numpy()
+                feats = out.cpu().numpy().astype(self.dtype, copy=False)
                 for i, rec in enumerate(owners):
                     save_npy(self._file(rec), feats[i * (1 + self.copies):(i + 1) * (1 + self.copies)], self.dtype)
                     self.computed += 1

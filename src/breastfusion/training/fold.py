@@ -102,8 +102,6 @@ def _prediction_table(logits: np.ndarray, index: np.ndarray, items: list[Instanc
     return table
 
 
-# Training settings that change no number (the memo key leaves them out).
-
 
 class _Trainer:
     """Builds models and loaders for one fold, in fine-tune or cached-feature mode."""
@@ -144,7 +142,7 @@ class _Trainer:
         return _prediction_table(logits, index, items, fold)
 
     @torch.no_grad()
-    def frozen_branch_features(self, model: BreastFusionNet, items: list[Instance], batch: int = 128
+    def frozen_branch_features(self, model: BreastFusionNet, items: list[Instance], images: int = 32
                                ) -> dict[str, np.ndarray]:
         """Partial mode, fusion on frozen branches: every image's cached activation copies through
         its branch's later stages (held, eval mode) and pooling, as the fusion's forward pass would
@@ -158,8 +156,8 @@ class _Trainer:
                 paths = sorted({r.path for i in items for r in (i.mg if modality is Modality.MG else (i.us,))
                                 if r is not None})
                 backbone = model.backbone(modality)
-                for start in range(0, len(paths), max(1, batch // 4)):
-                    chunk = paths[start:start + max(1, batch // 4)]
+                for start in range(0, len(paths), images):
+                    chunk = paths[start:start + images]
                     acts = [np.asarray(self.features[p], dtype=np.float32) for p in chunk]
                     x = tensor_to(torch.from_numpy(np.concatenate(acts)), self.device, cl)
                     with trained_part(self.device, t):
