@@ -185,3 +185,26 @@ def test_plot_reliability_writes_png(tmp_path):
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
     assert list(path.parent.iterdir()) == [path]  # no temporary file left behind
+
+
+def test_operating_point_evidence_counts_each_lane_with_intervals():
+    from breastfusion.evaluation.decision import operating_point_evidence
+    from breastfusion.evaluation.intervals import Bootstrap
+
+    labels = np.array([0] * 40 + [1] * 30 + [2] * 30)
+    probs = np.tile([0.2, 0.6, 0.2], (100, 1))
+    probs[:30, :] = [0.8, 0.1, 0.1]  # 30 of 40 normals look normal
+    probs[70:97, :] = [0.1, 0.1, 0.8]  # 27 of 30 malignant look malignant
+    points = OperatingPoints(malignant_threshold=0.5, target_malignant_sensitivity=0.9, malignant_sensitivity=0.9,
+                             malignant_specificity=1.0, normal_threshold=0.5, target_normal_specificity=0.95,
+                             normal_specificity=1.0, normal_sensitivity=0.75, n_cases=100)
+    e = operating_point_evidence(probs, labels, points, Bootstrap(resamples=500))
+    assert e["malignant_sensitivity"]["value"] == pytest.approx(0.9)
+    assert e["malignant_specificity"]["value"] == pytest.approx(1.0)
+    assert e["normal_sensitivity"]["value"] == pytest.approx(0.75)
+    assert (e["recall_share"]["value"], e["routine_share"]["value"], e["review_share"]["value"]) == \
+        pytest.approx((0.27, 0.30, 0.43))
+    s = e["malignant_sensitivity"]
+    assert s["low"] < 0.9 < s["high"] and s["low"] > 0.7
+    assert e["recall_share"]["low"] < 0.27 < e["recall_share"]["high"]
+    assert e["n"] == 100 and e["resamples"] == 500

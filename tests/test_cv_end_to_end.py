@@ -4,7 +4,9 @@ import copy
 import json
 import os
 
+import pandas as pd
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from breastfusion.config import BackboneConfig, CVConfig, RunConfig, TrainConfig, load_run_config
 from breastfusion.experiment import run_experiment
@@ -54,6 +56,24 @@ def test_experiment_writes_metrics_report_and_plots(tmp_path, mode):
     assert "ECE" in report and (out / "rows" / "MM" / "reliability.png").is_file()
     cal = saved["rows"][2]["calibration"]
     assert len(cal["temperatures"]) == 5 and 0 <= cal["ece_after"] <= 1
+    check_statistics(out, saved, report)
+
+
+def check_statistics(out, saved, report):
+    """Pooled figures recomputed from the saved patient predictions; every interval holds its
+    value; fusion compared with both single-modality rows on the same patients."""
+    for row in saved["rows"]:
+        pooled = row["patient"]["pooled"]
+        patients = pd.read_csv(out / "rows" / row["name"] / "predictions_patients.csv")
+        assert pooled["n"] == len(patients) == 20 and pooled["resamples"] == 2000
+        for k, cls in enumerate(("normal", "benign", "malignant")):
+            auc = pooled["auc"][cls]
+            assert auc["value"] == pytest.approx(roc_auc_score(patients["label"] == k, patients[f"p_{cls}"]))
+            assert auc["low"] <= auc["value"] <= auc["high"]
+        assert pooled["accuracy"]["value"] == pytest.approx((patients["pred"] == patients["label"]).mean())
+    pairs = {(c["a"], c["b"]) for c in saved["statistics"]["comparisons"]}
+    assert pairs == {("MM", "US"), ("MM", "MG")}
+    assert "## Pooled out-of-fold figures" in report and "## Paired comparisons (same patients)" in report
 
 
 def test_resume_skips_done_folds_and_gives_identical_metrics(tmp_path):

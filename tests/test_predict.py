@@ -10,12 +10,15 @@ import torch
 
 from breastfusion.config import BackboneConfig, CVConfig, RunConfig, TrainConfig
 from breastfusion.errors import WeightsError
+from breastfusion.evaluation.aggregate import PROBA_COLUMNS
+from breastfusion.evaluation.calibration import calibrated_patients
+from breastfusion.evaluation.decision import RECALL, REVIEW, ROUTINE, decide
 from breastfusion.experiment import run_experiment
 from breastfusion.explain.gradcam import explain_instance
 from breastfusion.inference.batches import instance_batch
 from breastfusion.inference.images import image_source
 from breastfusion.inference.instances import build_instances
-from breastfusion.inference.layout import MODEL_FILE, fold_dirs
+from breastfusion.inference.layout import MODEL_FILE, PREDICTIONS_FILE, fold_dirs
 from breastfusion.inference.networks import trained_net
 from breastfusion.inference.runtime import pick_device
 from breastfusion.models.weights import read_state_dict
@@ -60,6 +63,7 @@ def test_bundle_round_trip_reproduces_the_fold_networks(trained):
     meta = json.loads((bundle_dir / "bundle.json").read_text())
     assert meta["classes"] == ["normal", "benign", "malignant"] and len(meta["temperatures"]) == 3
     assert meta["training_data"]["cases"] == 12 and "operating_points" in meta
+    check_evidence(meta, bundle, row_dir)
     instances, _ = build_instances(manifest.cases().values(), bundle.config.model.modality_set,
                                    bundle.config.model.slots)
     source = image_source(bundle.config)
@@ -75,6 +79,21 @@ def test_bundle_round_trip_reproduces_the_fold_networks(trained):
     again = load_bundle(bundle_dir)
     np.testing.assert_array_equal(got, again.probabilities(ensemble_logits(again, instances, source,
                                                                            pick_device("cpu"))))
+
+
+def check_evidence(meta, bundle, row_dir):
+    """bundle.json's figures for the operating points: on the validation folds they are the
+    shares of `decide`'s calls on the temperature-scaled validation patients, inside their intervals."""
+    evidence = meta["operating_point_evidence"]["validation folds"]
+    patients = pd.concat([calibrated_patients(pd.read_csv(d / PREDICTIONS_FILE), t)
+                          for d, t in zip(fold_dirs(row_dir), bundle.temperatures, strict=True)])
+    calls = [decide(p, bundle.points) for p in patients[PROBA_COLUMNS].to_numpy(float)]
+    assert evidence["n"] == len(patients) == 12
+    for lane, key in ((RECALL, "recall_share"), (ROUTINE, "routine_share"), (REVIEW, "review_share")):
+        f = evidence[key]
+        assert f["value"] == pytest.approx(np.mean([c == lane for c in calls]))
+        assert f["low"] <= f["value"] <= f["high"]
+    assert "test splits (where the thresholds were chosen)" in meta["operating_point_evidence"]
 
 
 def test_mg_once_matches_naive_pairing_and_encodes_each_mg_image_once(trained):
@@ -185,6 +204,7 @@ def test_cli_export_then_predict_a_dicom_study_folder_without_leaking_phi(traine
     bundle = tmp_path / "bundle"
     out = CliRunner().invoke(main, ["export", str(row_dir), "-o", str(bundle)])
     assert out.exit_code == 0, out.output
+    assert "on the validation folds (12 patients; 95% intervals" in out.output and "patients to review" in out.output
     rng = np.random.default_rng(5)
 
     def grey():

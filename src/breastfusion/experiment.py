@@ -5,7 +5,9 @@ Run folder::
     config.yaml        every row's full RunConfig
     command.txt        the command line that made it
     breastfusion.log   every INFO line of the run (appended to when the run resumes)
-    metrics.json       {"rows": [...], "provenance": {...}}
+    metrics.json       {"rows": [...], "statistics": {...}, "provenance": {...}}: per row the fold
+                       means +- std and the pooled figures with bootstrap intervals; statistics holds
+                       the paired comparisons between rows (evaluation/paired.py)
     report.md          Table 3 layout + per-row detail
     roc.png, confusion.png
     branches/          single-modality networks shared by the rows (training/branches.py)
@@ -31,6 +33,9 @@ from .config import RunConfig, to_dict
 from .errors import CohortError, ConfigError, WeightsError
 from .evaluation.aggregate import PROBA_COLUMNS, aggregate
 from .evaluation.calibration import calibrate_folds, expected_calibration_error
+from .evaluation.intervals import Bootstrap, patient_intervals
+from .evaluation.paired import METHOD as COMPARISON_METHOD
+from .evaluation.paired import paired_comparisons
 from .evaluation.plots import plot_confusion, plot_reliability, plot_roc
 from .evaluation.report import describe_row, evaluate_predictions, report_markdown
 from .files import atomic_path, remove_stale_temporaries, safe_name, write_text
@@ -82,22 +87,25 @@ def row_calibration(row_dir: Path, predictions: pd.DataFrame) -> dict | None:
 
 def run_experiment(manifest: Manifest, rows: Sequence[RunConfig], out_dir: str | os.PathLike,
                    title: str = "breastfusion experiment", command: str = "",
-                   progress: bool = True, jobs: int = 1) -> dict:
+                   progress: bool = True, jobs: int = 1, bootstrap: Bootstrap | None = None) -> dict:
     """Cross-validate every row (resumable); `jobs` folds at a time (see training/execution.py).
+    `bootstrap`: how the pooled figures' intervals are resampled (default 2,000, seed 0).
 
     Under torchrun (WORLD_SIZE > 1) every rank runs this; the folds are trained by all ranks
     together (DistributedDataParallel) and only the main rank writes files and reports."""
     with Distributed.from_env() as dist:
         if not dist.is_main:
-            return _run_experiment(manifest, rows, out_dir, title, command, False, jobs, dist)
+            return _run_experiment(manifest, rows, out_dir, title, command, False, jobs, dist, bootstrap)
         with log_to(out_dir):  # out_dir/breastfusion.log: every INFO line of the run
             log.info("%s: %d row(s) on %s (%d images, %d cases)", command or "(python API)", len(rows),
                      manifest.source, len(manifest), len(manifest.cases()))
-            return _run_experiment(manifest, rows, out_dir, title, command, progress, jobs, dist)
+            return _run_experiment(manifest, rows, out_dir, title, command, progress, jobs, dist, bootstrap)
 
 
 def _run_experiment(manifest: Manifest, rows: Sequence[RunConfig], out_dir: str | os.PathLike, title: str,
-                    command: str, progress: bool, jobs: int, dist: Distributed) -> dict:
+                    command: str, progress: bool, jobs: int, dist: Distributed,
+                    bootstrap: Bootstrap | None = None) -> dict:
+    bootstrap = bootstrap or Bootstrap()
     names = [r.name for r in rows]
     if len(set(names)) != len(names):
         raise ConfigError(f"row names must be unique: {names}")
@@ -146,6 +154,8 @@ def _run_experiment(manifest: Manifest, rows: Sequence[RunConfig], out_dir: str 
         calibration = row_calibration(row_dir, instances)
         entry = describe_row(row)
         entry.update(evaluate_predictions(instances, patient_votes, patient_means))
+        entry["patient"]["pooled"] = patient_intervals(patient_votes, bootstrap)
+        entry["patient_mean"]["pooled"] = patient_intervals(patient_means, bootstrap)
         entry["excluded"] = dict(result.data.skipped)
         entry["refused_images"] = len(result.data.failed)
         entry["seconds"] = round(time.time() - t0, 1)
@@ -170,9 +180,11 @@ def _run_experiment(manifest: Manifest, rows: Sequence[RunConfig], out_dir: str 
         "finished": now(),
         "wall time": f"{time.time() - started:.0f} s",
     }
-    metrics = {"rows": results, "provenance": provenance}
+    statistics = {"bootstrap": bootstrap.to_dict(), "comparison_method": COMPARISON_METHOD,
+                  "comparisons": paired_comparisons(results, dict(patients), bootstrap.confidence)}
+    metrics = {"rows": results, "statistics": statistics, "provenance": provenance}
     write_text(out / "metrics.json", json.dumps(metrics, indent=1, allow_nan=True))
-    write_text(out / "report.md", report_markdown(title, results, provenance))
+    write_text(out / "report.md", report_markdown(title, results, provenance, statistics))
     if patients:  # every row may have been "not run"
         plot_roc(patients, out / "roc.png")
         plot_confusion([(r["name"], r["patient"]["confusion"]) for r in results if "patient" in r],

@@ -8,13 +8,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import numpy as np  # noqa: E402
-
-from ..vocab import N_CLASSES, Label  # noqa: E402
+from ..vocab import N_CLASSES, Label
 from .calibration import _check_target
+from .intervals import Bootstrap, rate_intervals
 
 RECALL = "recall: suspected malignant"
 ROUTINE = "routine: normal"
@@ -170,3 +168,33 @@ def decide(probs_row: Sequence[float], points: OperatingPoints) -> str:
     return REVIEW
 
 
+
+
+def lanes(probs: np.ndarray, points: OperatingPoints) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean (recall, routine) masks of patient probabilities (N, 3), as `decide` calls each row."""
+    p = np.asarray(probs, dtype=float).reshape(-1, N_CLASSES)
+    recall = (p[:, _MALIGNANT] >= points.malignant_threshold if points.malignant_threshold is not None
+              else np.zeros(len(p), dtype=bool))
+    routine = (~recall & (p[:, _NORMAL] >= points.normal_threshold) if points.normal_threshold is not None
+               else np.zeros(len(p), dtype=bool))
+    return recall, routine
+
+
+def operating_point_evidence(probs: np.ndarray, labels: np.ndarray, points: OperatingPoints,
+                             bootstrap: Bootstrap | None = None) -> dict:
+    """What fixed operating points achieve on a cohort, each figure with its bootstrap interval:
+    the recall call's sensitivity and specificity for malignancy, the routine call's sensitivity
+    for normal and specificity against abnormal, and the share of patients sent to each lane
+    (recall, routine, review). Resampling keeps the cohort's class counts (stratified), so the
+    lane shares' intervals are for a cohort of this class mix."""
+    bootstrap = bootstrap or Bootstrap()
+    y = np.asarray(labels).astype(int).reshape(-1)
+    recall, routine = lanes(probs, points)
+    malignant, normal, everyone = y == _MALIGNANT, y == _NORMAL, np.ones(len(y), dtype=bool)
+    called = {"malignant_sensitivity": recall, "malignant_specificity": ~recall,
+              "normal_sensitivity": routine, "normal_specificity": ~routine,
+              "recall_share": recall, "routine_share": routine, "review_share": ~recall & ~routine}
+    among = {"malignant_sensitivity": malignant, "malignant_specificity": ~malignant,
+             "normal_sensitivity": normal, "normal_specificity": ~normal,
+             "recall_share": everyone, "routine_share": everyone, "review_share": everyone}
+    return {"n": int(len(y)), **bootstrap.to_dict(), **rate_intervals(called, y, bootstrap, among)}

@@ -32,23 +32,32 @@ def _grid(n: int, size: float = 3.6):
 
 
 def plot_roc(patients: Sequence[tuple[str, pd.DataFrame]], path: str | Path) -> Path:
-    """One panel per row: one-vs-rest ROC of each class from patient mean probabilities."""
+    """One panel per row: one-vs-rest ROC of each class from patient mean probabilities, the
+    validation folds pooled (thick, in the legend) and each fold alone (thin, faint)."""
     fig, axes = _grid(len(patients))
     for ax, (name, table) in zip(axes, patients, strict=True):
-        y = table["label"].to_numpy()
+        folds = [group for _, group in table.groupby("fold")] if "fold" in table else []
         for k, cls in enumerate(CLASS_NAMES):
-            positive = y == k
-            if positive.all() or not positive.any():
-                continue
-            score = table[PROBA_COLUMNS[k]].to_numpy()
-            fpr, tpr, _ = roc_curve(positive, score)
-            ax.plot(fpr, tpr, color=COLOURS[k], label=f"{cls} (AUC {roc_auc_score(positive, score):.2f})")
+            for part in folds:
+                _roc_line(ax, part, k, color=COLOURS[k], lw=0.6, alpha=0.3)
+            _roc_line(ax, table, k, color=COLOURS[k], lw=1.8, label=cls)
         ax.plot([0, 1], [0, 1], ls=":", color="grey", lw=0.8)
         ax.set(title=name, xlabel="1 - specificity", ylabel="sensitivity", xlim=(0, 1), ylim=(0, 1.01))
         ax.legend(loc="lower right", fontsize=7)
-    fig.suptitle("Patient-level ROC, validation folds pooled", fontsize=10)
+    fig.suptitle("Patient-level ROC: validation folds pooled (thick) and per fold (thin)", fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def _roc_line(ax, table: pd.DataFrame, k: int, label: str | None = None, **style) -> None:
+    positive = table["label"].to_numpy() == k
+    if positive.all() or not positive.any():
+        return
+    score = table[PROBA_COLUMNS[k]].to_numpy()
+    fpr, tpr, _ = roc_curve(positive, score)
+    if label is not None:
+        label = f"{label} (pooled AUC {roc_auc_score(positive, score):.2f})"
+    ax.plot(fpr, tpr, label=label, **style)
 
 
 def plot_confusion(matrices: Sequence[tuple[str, list[list[int]]]], path: str | Path) -> Path:

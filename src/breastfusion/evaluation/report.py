@@ -49,6 +49,10 @@ def describe_row(cfg) -> dict:
         "weights": m.backbone.weights,
         "mode": t.mode,
         "folds": cfg.cv.folds,
+        # the remaining design choices, for pairing ablations with their reference (paired.py)
+        "head": m.head,
+        "attention_heads": m.attention_heads,
+        "l2_normalize": m.l2_normalize,
     }
 
 
@@ -56,6 +60,19 @@ def _pm(stat: dict, scale: float = 100.0) -> str:
     if stat is None or stat.get("n", 0) == 0 or math.isnan(stat["mean"]):
         return "n/a"
     return f"{scale * stat['mean']:.1f} ± {scale * stat['std']:.1f}"
+
+
+def _ci(stat: dict | None, scale: float = 100.0) -> str:
+    """A pooled value with its interval: 91.2 [88.0, 94.1]."""
+    if stat is None or math.isnan(stat["value"]):
+        return "n/a"
+    return f"{scale * stat['value']:.1f} [{scale * stat['low']:.1f}, {scale * stat['high']:.1f}]"
+
+
+def _p(value: float) -> str:
+    if math.isnan(value):
+        return "n/a"
+    return "<0.001" if value < 0.001 else f"{value:.3f}"
 
 
 def _views(row: dict) -> str:
@@ -83,6 +100,36 @@ def table3_markdown(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def pooled_markdown(rows: Sequence[dict]) -> str:
+    """Pooled out-of-fold figures with their bootstrap intervals, one line per row that ran."""
+    lines = ["| model | patients | AUC normal | AUC benign | AUC malignant | macro AUC | accuracy (vote) |",
+             "|" + "---|" * 7]
+    for r in rows:
+        pooled = r.get("patient", {}).get("pooled")
+        if pooled is None:
+            continue
+        lines.append(f"| {r['name']} | {pooled['n']} | " + " | ".join(_ci(pooled["auc"][c]) for c in CLASS_NAMES)
+                     + f" | {_ci(pooled['macro_auc'])} | {_ci(pooled['accuracy'])} |")
+    return "\n".join(lines)
+
+
+def comparisons_markdown(comparisons: Sequence[dict]) -> str:
+    """Paired AUC differences (row a minus row b, points) with interval, p and Holm-adjusted p."""
+    lines = ["| a | b | why | patients | " + " | ".join(f"ΔAUC {c} [95% CI], p (Holm)" for c in CLASS_NAMES) + " |",
+             "|" + "---|" * 7]
+    for comp in comparisons:
+        cells = []
+        for c in CLASS_NAMES:
+            d = comp[c]
+            if math.isnan(d["difference"]):
+                cells.append("n/a")
+                continue
+            cells.append(f"{100 * d['difference']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}], "
+                         f"p {_p(d['p'])} ({_p(d['p_holm'])})")
+        lines.append(f"| {comp['a']} | {comp['b']} | {comp['why']} | {comp['n']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _confusion_markdown(cm: list[list[int]]) -> str:
     lines = ["| true \\ predicted | " + " | ".join(CLASS_NAMES) + " | recall |", "|" + "---|" * 5]
     arr = np.asarray(cm)
@@ -97,9 +144,14 @@ def _confusion_markdown(cm: list[list[int]]) -> str:
     return "\n".join(lines)
 
 
-def report_markdown(title: str, rows: Sequence[dict], provenance: dict) -> str:
+def report_markdown(title: str, rows: Sequence[dict], provenance: dict, statistics: dict | None = None,
+                    cohort: str = "") -> str:
+    """`statistics`: {"bootstrap": ..., "comparisons": [...], "subgroups": ...} as in metrics.json;
+    `cohort`: the cohort table (markdown) printed first."""
     parts = [f"# {title}", ""]
     parts += [f"- **{k}**: {v}" for k, v in provenance.items()]
+    if cohort:
+        parts += ["", "## Cohort", "", cohort]
     parts += [
         "",
         "## Patient-level AUC (%), mean ± std over validation folds (Table 3 layout)",
@@ -110,6 +162,8 @@ def report_markdown(title: str, rows: Sequence[dict], provenance: dict) -> str:
         table3_markdown(rows),
         "",
     ]
+    if statistics:
+        parts += _statistics_markdown(statistics, rows)
     for r in rows:
         parts += [
             f"## {r['name']}",
@@ -135,6 +189,14 @@ def report_markdown(title: str, rows: Sequence[dict], provenance: dict) -> str:
             parts.append(f"| {level} | " + " | ".join(_pm(m["auc"][c]) for c in CLASS_NAMES) + " | "
                          + " | ".join(_pm(m["recall"][c]) for c in CLASS_NAMES)
                          + f" | {_pm(m['accuracy'])} |")
+        if "pooled" in r["patient"]:
+            pooled = r["patient"]["pooled"]
+            parts += ["", f"Pooled over the validation folds ({pooled['n']} patients, each predicted once), "
+                      "95% intervals by stratified bootstrap, decision by vote:", "",
+                      "| class | AUC | sensitivity | specificity |", "|---|---|---|---|"]
+            parts += [f"| {c} | {_ci(pooled['auc'][c])} | {_ci(pooled['sensitivity'][c])} | "
+                      f"{_ci(pooled['specificity'][c])} |" for c in CLASS_NAMES]
+            parts.append(f"| all | macro {_ci(pooled['macro_auc'])} | accuracy {_ci(pooled['accuracy'])} | |")
         parts += ["", "Patient-level confusion (vote), all validation folds:", "",
                   _confusion_markdown(r["patient"]["confusion"]), ""]
         if "calibration" in r:
@@ -143,3 +205,36 @@ def report_markdown(title: str, rows: Sequence[dict], provenance: dict) -> str:
                       f"{100 * c['ece_after']:.1f}% after temperature scaling (mean T {c['temperature_mean']:.2f}, "
                       f"fitted per fold on its test split); reliability diagram `{r['files']['reliability']}`.", ""]
     return "\n".join(parts)
+
+
+def _statistics_markdown(statistics: dict, rows: Sequence[dict]) -> list[str]:
+    boot = statistics["bootstrap"]
+    parts = [
+        f"## Pooled out-of-fold figures (%) with {100 * boot['confidence']:.0f}% intervals", "",
+        f"Every patient is predicted once across the validation folds; the folds' predictions pooled "
+        f"give one figure per row, its interval by {boot['method']} ({boot['resamples']} resamples, "
+        f"seed {boot['seed']}).", "", pooled_markdown(rows), "",
+    ]
+    comparisons = statistics.get("comparisons") or []
+    if comparisons:
+        parts += [
+            "## Paired comparisons (same patients)", "",
+            f"AUC of row a minus AUC of row b in points, per class, with {statistics['comparison_method']}; "
+            "in brackets the p-value Holm-adjusted over every comparison of this table. A difference is "
+            "supported by these patients when its adjusted p is below 0.05; where the interval holds 0 "
+            "the data cannot tell the two rows apart.", "", comparisons_markdown(comparisons), "",
+        ]
+    for column, table in (statistics.get("subgroups") or {}).items():
+        parts += [f"## Subgroups by {column}", "", subgroup_markdown(table), ""]
+    return parts
+
+
+def subgroup_markdown(table: dict) -> str:
+    """Per-row, per-subgroup AUC with interval; a class with too few patients says so."""
+    lines = ["| model | subgroup | patients | " + " | ".join(f"AUC {c}" for c in CLASS_NAMES) + " |",
+             "|" + "---|" * 6]
+    for row, groups in table.items():
+        for value, g in groups.items():
+            cells = [(_ci(g["auc"][c]) if isinstance(g["auc"][c], dict) else g["auc"][c]) for c in CLASS_NAMES]
+            lines.append(f"| {row} | {value} | {g['n']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

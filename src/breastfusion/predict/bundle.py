@@ -4,7 +4,8 @@
 experiment into::
 
     bundle.json         format, version, classes, folds, per-fold temperature,
-                        operating points, preprocessing, training-data summary,
+                        operating points and what they achieve (with 95% intervals),
+                        preprocessing, training-data summary,
                         sha256 of config.yaml and of every weights file
     config.yaml         the row's RunConfig
     weights/shared.safetensors   tensors identical in every fold (frozen backbones)
@@ -14,7 +15,12 @@ The model is the ensemble of the K fold networks (as nnU-Net ensembles its
 fold models): each fold's logits are divided by that fold's temperature
 (fitted on the fold's TEST split, never on its validation fold), turned into
 probabilities and averaged. Operating points are chosen on the pooled
-test-split patient probabilities of the folds.
+test-split patient probabilities of the folds. What they achieve is then measured on the
+validation folds (each fold's network on its own validation patients, temperature-scaled;
+patients none of the choices saw) with stratified-bootstrap intervals: sensitivity and
+specificity of each call and the share of patients sent to each lane
+(`operating_point_evidence`). The ensemble of all folds is usually at least as good as one
+fold's network, so these figures are, if anything, conservative.
 
 Loading runs no pickle: safetensors only, every file's checksum verified
 against bundle.json, weights loaded strictly into the network the config
@@ -37,9 +43,9 @@ from ..config import RunConfig, load_run_config, save_yaml, to_dict
 from ..errors import WeightsError
 from ..evaluation.aggregate import PROBA_COLUMNS
 from ..evaluation.calibration import calibrated_patients, fold_temperature, softmax
-from ..evaluation.decision import OperatingPoints, choose_operating_points
+from ..evaluation.decision import OperatingPoints, choose_operating_points, operating_point_evidence
 from ..files import sha256_file, write_text
-from ..inference.layout import CONFIG_FILE, MODEL_FILE, TEST_PREDICTIONS_FILE, fold_dirs
+from ..inference.layout import CONFIG_FILE, MODEL_FILE, PREDICTIONS_FILE, TEST_PREDICTIONS_FILE, fold_dirs
 from ..inference.networks import trained_net, untrained
 from ..inference.runtime import has_conv2d
 from ..models.backbones import build_backbone
@@ -62,7 +68,7 @@ def export_bundle(row_dir: str | os.PathLike, out_dir: str | os.PathLike,
     if not folds:
         raise WeightsError(f"{row_dir}: no completed fold with saved weights ({MODEL_FILE}); "
                            "rerun the experiment with this version of breastfusion")
-    temperatures, pooled, states = [], [], []
+    temperatures, pooled, validation, states = [], [], [], []
     for fold_dir in folds:
         test_file = fold_dir / TEST_PREDICTIONS_FILE
         if not test_file.is_file():
@@ -72,6 +78,7 @@ def export_bundle(row_dir: str | os.PathLike, out_dir: str | os.PathLike,
         t = fold_temperature(test)
         temperatures.append(t)
         pooled.append(calibrated_patients(test, t))
+        validation.append(calibrated_patients(pd.read_csv(fold_dir / PREDICTIONS_FILE), t))
         try:
             net = trained_net(cfg, read_state_dict(fold_dir / MODEL_FILE), backbones_from_config=True)
         except WeightsError as exc:
@@ -83,6 +90,11 @@ def export_bundle(row_dir: str | os.PathLike, out_dir: str | os.PathLike,
     patients = pd.concat(pooled, ignore_index=True)
     points = choose_operating_points(patients[PROBA_COLUMNS].to_numpy(float), patients["label"].to_numpy(int),
                                      target_malignant_sensitivity, target_normal_specificity)
+    evidence = {}
+    for cohort, table in (("validation folds", pd.concat(validation, ignore_index=True)),
+                          ("test splits (where the thresholds were chosen)", patients)):
+        evidence[cohort] = operating_point_evidence(table[PROBA_COLUMNS].to_numpy(float),
+                                                    table["label"].to_numpy(int), points)
     shared = {k: v for k, v in states[0].items() if all(torch.equal(v, s[k]) for s in states[1:])}
     (out / "weights").mkdir(parents=True, exist_ok=True)
     files = {"config.yaml": save_yaml(cfg, out / "config.yaml")}
@@ -96,6 +108,7 @@ def export_bundle(row_dir: str | os.PathLike, out_dir: str | os.PathLike,
         format=FORMAT, breastfusion_version=made["breastfusion_version"], created=made["created"], provenance=made,
         name=cfg.name,
         classes=list(CLASS_NAMES), folds=fold_ids, temperatures=temperatures, operating_points=points,
+        operating_point_evidence=evidence,
         preprocessing={"size": {m.value: bb.image_size for m, bb in cfg.model.backbones().items()},
                        **to_dict(cfg.preprocess)},
         training_data=_training_data(row_dir / "data.json"), source_run=row_dir.name,
@@ -129,6 +142,8 @@ class BundleMeta:
     provenance: dict[str, str] = dataclasses.field(default_factory=dict)  # command, version, commit, time
     preprocessing: dict = dataclasses.field(default_factory=dict)
     training_data: dict = dataclasses.field(default_factory=dict)  # counts and manifest hash; no ids
+    # cohort -> what the operating points achieve there, with intervals (operating_point_evidence)
+    operating_point_evidence: dict = dataclasses.field(default_factory=dict)
     source_run: str = ""
 
     REQUIRED = ("folds", "sha256", "temperatures", "operating_points", "breastfusion_version", "created")
