@@ -155,3 +155,31 @@ def test_paired_comparisons_adjust_over_all_pairs():
     (out,) = paired_comparisons(rows, {"concat MM": a, "single US": b})
     assert out["a"] == "concat MM" and out["n"] == 200
     assert out["malignant"]["difference"] > 0 and out["malignant"]["p_holm"] >= out["malignant"]["p"]
+
+
+def test_subgroups_report_small_classes_as_too_small():
+    from breastfusion.evaluation.subgroups import subgroup_performance
+    from breastfusion.experiment import subgroups
+    from breastfusion.records import ImageRecord, Manifest
+    from breastfusion.vocab import Label, Modality, Side
+
+    (table,) = binormal_rows(np.random.default_rng(3), 240, (2.0,))
+    labels = table["label"].to_numpy()
+    small = set()
+    for k, take in ((0, 30), (1, 30), (2, 6)):  # a site with only 6 malignant patients
+        small |= set(table["case_id"][labels == k][:take])
+    values = {c: "site A" if c in small else "site B" for c in table["case_id"]}
+    out = subgroup_performance(table, values, Bootstrap(resamples=200))
+    assert set(out) == {"site A", "site B"} and (out["site A"]["n"], out["site B"]["n"]) == (66, 174)
+    assert out["site A"]["auc"]["malignant"] == "too small (malignant 6, others 60)"
+    for site, cls in (("site A", "normal"), ("site B", "malignant")):
+        auc = out[site]["auc"][cls]
+        assert auc["low"] <= auc["value"] <= auc["high"]
+    # ... everything from one grouping, then a manifest: only columns with two or more values count
+    records = [ImageRecord(c.split(":")[0] if ":" in c else c, Side.LEFT, Modality.US, f"/x/{c}.png",
+                           label=Label(["normal", "benign", "malignant"][y]), source="one", density=values[c][-1])
+               for c, y in zip(table["case_id"], labels, strict=True)]
+    manifest = Manifest(records)
+    patients = table.assign(case_id=[r.case_id for r in records])
+    got = subgroups(manifest, [("row", patients)], Bootstrap(resamples=200))
+    assert list(got) == ["density"] and set(got["density"]["row"]) == {"A", "B"}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ from breastfusion.datasets.mias import load_mias, mias_lesions, parse_info
 from breastfusion.datasets.public import ADAPTERS, load_public
 from breastfusion.datasets.virtual import VirtualCohort, build_virtual_cohort, split_counts
 from breastfusion.errors import BreastFusionError
-from breastfusion.records import ImageRecord, Manifest, case_id, read_manifest, validate
+from breastfusion.records import ImageRecord, Manifest, case_attributes, case_id, read_manifest, validate
 from breastfusion.training.splits import assign_folds
 from breastfusion.vocab import Kind, Label, Modality, Side, View
 
@@ -214,6 +215,25 @@ def test_cdd_cesm_without_all_tab_uses_first_usable_tab(tmp_path: Path):
     assert rec.label is Label.MALIGNANT and rec.side is Side.RIGHT and rec.view is View.CC
 
 
+def test_cdd_cesm_subgroup_attributes_from_the_sheet(tmp_path: Path):
+    root = tmp_path / "cdd"
+    images = root / "Subtracted images of CDD-CESM"
+    images.mkdir(parents=True)
+    for i, name in enumerate(["P1_L_CM_CC", "P1_L_CM_MLO", "P2_R_CM_CC"]):
+        Image.fromarray(_blocks(30 + i)).save(images / f"{name}.png")
+    rows = [  # density on the DM row only, as in the real sheet; '_' = unknown
+        ("P1_L_DM_CC", "DM", 46, "C", 1, "Benign"), ("P1_L_CM_CC", "CESM", 46, "_", 1, "Benign"),
+        ("P1_L_CM_MLO", "CESM", 46, "_", 1, "Benign"), ("P2_R_CM_CC", "CESM", 93, "", 2, "Normal"),
+    ]
+    frame = pd.DataFrame(rows, columns=["Image_name", "Type", "Age", "Breast density (ACR)", "Machine",
+                                        "Pathology Classification/ Follow up"])
+    _write_cdd(root, {"all": frame})
+    got = {Path(r.path).stem: (r.source, r.age_bin, r.density, r.model_name) for r in load_cdd_cesm(root)}
+    assert got == {"P1_L_CM_CC": ("CDD-CESM", "40-49", "C", "machine 1"),
+                   "P1_L_CM_MLO": ("CDD-CESM", "40-49", "C", "machine 1"),
+                   "P2_R_CM_CC": ("CDD-CESM", "90+", "", "machine 2")}
+
+
 def test_cdd_cesm_missing_sheet_is_one_clear_error(tmp_path: Path):
     images = tmp_path / "cdd" / "Subtracted images of CDD-CESM"
     images.mkdir(parents=True)
@@ -269,6 +289,13 @@ def test_mias_labels_sides_and_women(fake_mias: Path):
     assert report["not_listed"] == ["mdb006.png"] and report["unlabeled"] == ["mdb008.png"]
     assert report["images_with_benign_and_malignant"] == ["mdb003"]
     assert validate(records) == []
+
+
+def test_mias_tissue_is_density_words_and_busi_has_a_source(fake_mias: Path, fake_busi: Path):
+    got = {Path(r.path).stem: (r.source, r.density, r.age_bin) for r in load_mias(fake_mias)}
+    assert got["mdb001"] == ("mini-MIAS", "fatty-glandular", "")  # G: MIAS tissue classes, not BI-RADS
+    assert got["mdb004"][1] == "dense-glandular" and got["mdb005"][1] == "fatty"
+    assert {r.source for r in load_busi(fake_busi)} == {"BUSI"}
 
 
 def test_mias_lesions_in_row_coordinates(fake_mias: Path):
@@ -385,6 +412,17 @@ def test_virtual_cohort_write_roundtrip(tmp_path: Path, fake_mias: Path, fake_bu
     assert len(manifest) == len(cohort.records)
 
 
+def test_virtual_cohort_keeps_each_images_subgroup_attributes():
+    mg, us = _toy_cohort()
+    mg = [replace(r, source="CDD-CESM", age_bin="50-59", density="B") for r in mg]
+    us = [replace(r, source="BUSI") for r in us]
+    cases = Manifest(build_virtual_cohort(mg, us, seed=0).records).cases()
+    for case in cases.values():
+        assert case_attributes(case, "source") == "BUSI+CDD-CESM"
+        assert case_attributes(case, "age_bin") == "50-59" and case_attributes(case, "density") == "B"
+        assert {r.source for r in case.us} == {"BUSI"} and not any(r.age_bin for r in case.us)
+
+
 def test_virtual_cohort_ignores_unlabeled_inputs():
     mg, us = _toy_cohort()
     mg += [ImageRecord("W9", Side.LEFT, Modality.MG, "/mg/W9.png", View.CC, Kind.STANDARD, None, "W9")]
@@ -487,6 +525,10 @@ def test_real_cdd_cesm_labels_agree_with_the_sheet(real_cdd):
     assert len(conflicts) <= 5
     for r in records:
         assert r.group == r.patient_id and r.kind is Kind.STANDARD and r.view in (View.CC, View.MLO)
+    # subgroup attributes: every image has an age bin and a machine; density (DM rows only) for most
+    assert {r.source for r in records} == {"CDD-CESM"} and all(r.age_bin and r.model_name for r in records)
+    assert {r.density for r in records} <= {"A", "B", "C", "D", ""}
+    assert sum(bool(r.density) for r in records) > 0.8 * len(records)
 
 
 def test_real_virtual_cohort_cdd_cesm_x_busi(real_busi, real_cdd):

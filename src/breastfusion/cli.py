@@ -256,11 +256,16 @@ def _rows_from_file(spec: str):
 @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
               help="Train this many folds at once, each in its own process (and on its own GPU when "
                    "several are present); results are those of --jobs 1.")
+@click.option("--bootstrap", "resamples", type=click.IntRange(min=100), default=2000, show_default=True,
+              help="Bootstrap resamples of the patients for the report's 95% intervals.")
+@click.option("--bootstrap-seed", type=int, default=0, show_default=True,
+              help="Seed of the bootstrap resampling (the intervals are reproduced exactly).")
 @_compute_options
 def experiment(config: str, manifest: str, out_dir: str, epochs: int | None, folds: int | None,
                second_image: str, row_names: tuple[str, ...], settings: tuple[str, ...], data_root: str | None,
-               jobs: int, device: str | None, cache_dir: str | None) -> None:
+               jobs: int, resamples: int, bootstrap_seed: int, device: str | None, cache_dir: str | None) -> None:
     """Cross-validate every row of CONFIG (a preset name or a YAML file) on MANIFEST."""
+    from .evaluation.intervals import Bootstrap
     from .experiment import run_experiment
     from .presets import PRESETS, preset, second_image_of
     from .records import read_manifest
@@ -286,7 +291,7 @@ def experiment(config: str, manifest: str, out_dir: str, epochs: int | None, fol
             r.cv.folds = folds
         _apply(r, settings, device, cache_dir)
     metrics = run_experiment(m, rows, out_dir, title=f"breastfusion: {config}", command=_command_line(),
-                             progress=not _quiet(), jobs=jobs)
+                             progress=not _quiet(), jobs=jobs, bootstrap=Bootstrap(resamples, bootstrap_seed))
     if "helper_rank" in metrics:  # torchrun: rank 0 reports
         return
     click.echo(f"report: {Path(out_dir) / 'report.md'}")
@@ -332,6 +337,16 @@ def export(row_dir: str, out_dir: str, malignant_sensitivity: float, normal_spec
                + ", ".join(f"{t:.2f}" for t in bundle.temperatures))
     click.echo(f"operating points: malignant threshold {pts.malignant_threshold}, normal threshold "
                f"{pts.normal_threshold} {pts.note}".rstrip())
+    for cohort, figures in bundle.meta.operating_point_evidence.items():
+        click.echo(f"on the {cohort} ({figures['n']} patients; 95% intervals, stratified bootstrap):")
+        for key, label in (("malignant_sensitivity", "recall call: sensitivity for malignant"),
+                           ("malignant_specificity", "recall call: specificity"),
+                           ("normal_sensitivity", "routine call: share of normals ruled out"),
+                           ("normal_specificity", "routine call: specificity against abnormal"),
+                           ("recall_share", "patients to recall"), ("routine_share", "patients to routine"),
+                           ("review_share", "patients to review")):
+            f = figures[key]
+            click.echo(f"  {label}: {100 * f['value']:.1f}% [{100 * f['low']:.1f}, {100 * f['high']:.1f}]")
 
 
 def _input_manifest(input_path: str, work: Path, salt: str | None, progress: bool):
@@ -480,6 +495,27 @@ def demo(out_dir: str, patients: int, epochs: int | None, lr: float | None, sett
     run_experiment(read_manifest(data / "manifest.csv"), rows, out, title="breastfusion demo (synthetic cohort)",
                    command=_command_line(), progress=not _quiet())
     click.echo(f"report: {out / 'report.md'}  (metrics.json, roc.png, confusion.png beside it)")
+
+
+@main.command()
+@click.argument("manifest", type=click.Path(dir_okay=False))
+@click.option("-o", "--out", "out_md", default=None, type=click.Path(dir_okay=False),
+              help="Also write the markdown table to this file.")
+@click.option("--json", "out_json", default=None, type=click.Path(dir_okay=False),
+              help="Also write the table as JSON to this file.")
+def cohort(manifest: str, out_md: str | None, out_json: str | None) -> None:
+    """Cohort table of a manifest (the paper's Table 2): patients, breasts, images, MG views and kinds,
+    US per breast and the subgroup columns, per class; counts of 1-4 shown as <5, no patient ids."""
+    from .evaluation.cohort import cohort_markdown, cohort_table
+    from .records import read_manifest
+
+    table = cohort_table(read_manifest(manifest, check_files=False, require_labels=False))
+    text = cohort_markdown(table)
+    if out_md is not None:
+        write_text(Path(out_md), text)
+    if out_json is not None:
+        write_text(Path(out_json), json.dumps(table, indent=1) + "\n")
+    click.echo(text, nl=False)
 
 
 if __name__ == "__main__":  # pragma: no cover

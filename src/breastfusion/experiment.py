@@ -33,16 +33,18 @@ from .config import RunConfig, to_dict
 from .errors import CohortError, ConfigError, WeightsError
 from .evaluation.aggregate import PROBA_COLUMNS, aggregate
 from .evaluation.calibration import calibrate_folds, expected_calibration_error
+from .evaluation.cohort import cohort_markdown, cohort_table
 from .evaluation.intervals import Bootstrap, patient_intervals
 from .evaluation.paired import METHOD as COMPARISON_METHOD
 from .evaluation.paired import paired_comparisons
 from .evaluation.plots import plot_confusion, plot_reliability, plot_roc
 from .evaluation.report import describe_row, evaluate_predictions, report_markdown
+from .evaluation.subgroups import subgroup_performance
 from .files import atomic_path, remove_stale_temporaries, safe_name, write_text
 from .inference import layout
 from .logs import log_to
 from .provenance import git_commit, machine, now, versions
-from .records import Manifest
+from .records import SUBGROUP_COLUMNS, Manifest, case_attributes
 from .training.branches import BranchMemo
 from .training.cv import cross_validate
 from .training.distributed import Distributed
@@ -83,6 +85,19 @@ def row_calibration(row_dir: Path, predictions: pd.DataFrame) -> dict | None:
     return {"temperature_mean": float(np.mean(temps)), "temperatures": temps,
             "ece_before": expected_calibration_error(curves[0][1], curves[0][2]),
             "ece_after": expected_calibration_error(curves[1][1], curves[1][2]), "level": "patient (mean p)"}
+
+
+def subgroups(manifest: Manifest, patients: Sequence[tuple[str, pd.DataFrame]], bootstrap: Bootstrap) -> dict:
+    """{column: {row: subgroup_performance}} for every optional manifest column (records.py,
+    SUBGROUP_COLUMNS) that splits the cases into at least two values."""
+    cases = manifest.cases()
+    out = {}
+    for column in SUBGROUP_COLUMNS:
+        values = {cid: case_attributes(case, column) for cid, case in cases.items()}
+        if len({v for v in values.values() if v}) < 2:
+            continue
+        out[column] = {name: subgroup_performance(table, values, bootstrap) for name, table in patients}
+    return out
 
 
 def run_experiment(manifest: Manifest, rows: Sequence[RunConfig], out_dir: str | os.PathLike,
@@ -181,10 +196,12 @@ def _run_experiment(manifest: Manifest, rows: Sequence[RunConfig], out_dir: str 
         "wall time": f"{time.time() - started:.0f} s",
     }
     statistics = {"bootstrap": bootstrap.to_dict(), "comparison_method": COMPARISON_METHOD,
-                  "comparisons": paired_comparisons(results, dict(patients), bootstrap.confidence)}
-    metrics = {"rows": results, "statistics": statistics, "provenance": provenance}
+                  "comparisons": paired_comparisons(results, dict(patients), bootstrap.confidence),
+                  "subgroups": subgroups(manifest, patients, bootstrap)}
+    cohort = cohort_table(manifest)
+    metrics = {"rows": results, "statistics": statistics, "cohort": cohort, "provenance": provenance}
     write_text(out / "metrics.json", json.dumps(metrics, indent=1, allow_nan=True))
-    write_text(out / "report.md", report_markdown(title, results, provenance, statistics))
+    write_text(out / "report.md", report_markdown(title, results, provenance, statistics, cohort_markdown(cohort)))
     if patients:  # every row may have been "not run"
         plot_roc(patients, out / "roc.png")
         plot_confusion([(r["name"], r["patient"]["confusion"]) for r in results if "patient" in r],

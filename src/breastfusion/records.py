@@ -4,13 +4,25 @@ A *case* is one breast of one patient (the paper's screening unit; the label
 belongs to the case). A *group* ties cases that must never be split across
 folds (both breasts of one woman, near-duplicate sources); it defaults to the
 patient id.
+
+Optional subgroup columns (`SUBGROUP_COLUMNS`: source, age_bin, manufacturer,
+model_name, density) describe an image for subgroup analysis and the cohort
+table (`evaluation.cohort`). They hold coarse, PHI-safe values only: an age is
+always a 10-year bin ("50-59", top-coded "90+"), never an exact age; names are
+cleaned to letters, digits, spaces, "-", "." and "_" (64 characters at most).
+A manifest without them reads and writes exactly as before, and its
+`content_hash` does not change. One breast may hold images with different
+values (MG and US from two devices, a virtual case of two datasets):
+`case_attributes` joins them.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import math
 import os
+import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -22,6 +34,13 @@ from .vocab import MG_SLOTS, Kind, Label, MGSlot, Modality, Side, View
 
 COLUMNS: tuple[str, ...] = ("patient_id", "side", "modality", "view", "kind", "path", "label", "group")
 REQUIRED: tuple[str, ...] = ("patient_id", "side", "modality", "path")
+SUBGROUP_COLUMNS: tuple[str, ...] = ("source", "age_bin", "manufacturer", "model_name", "density")
+AGE_BIN_WIDTH = 10
+AGE_TOP = 90  # ages from 90 on are one bin, "90+" (HIPAA Safe Harbor)
+AGE_BINS: tuple[str, ...] = (*(f"{lo}-{lo + AGE_BIN_WIDTH - 1}" for lo in range(0, AGE_TOP, AGE_BIN_WIDTH)),
+                             f"{AGE_TOP}+")
+ATTRIBUTE_MAX_CHARS = 64
+_NOT_ATTRIBUTE = re.compile(r"[^A-Za-z0-9 ._-]")
 
 
 @dataclass(frozen=True)
@@ -36,6 +55,18 @@ class ImageRecord:
     kind: Kind = Kind.NONE
     label: Label | None = None
     group: str = ""
+    source: str = ""
+    age_bin: str = ""
+    manufacturer: str = ""
+    model_name: str = ""
+    density: str = ""
+
+    def __post_init__(self) -> None:
+        """Clean the subgroup values (see `clean_attribute`, `age_bin`); a bad age bin raises ValueError."""
+        for column in SUBGROUP_COLUMNS:
+            value = getattr(self, column)
+            if value:
+                object.__setattr__(self, column, _subgroup_value(column, value))
 
     @property
     def case_id(self) -> str:
@@ -56,6 +87,60 @@ class ImageRecord:
 
 def case_id(patient_id: str, side: Side | str) -> str:
     return f"{patient_id}:{Side.parse(side).value}"
+
+
+def age_bin(years: float | int | None) -> str:
+    """A 10-year age bin ("40-49"), top-coded "90+"; "" for None, NaN or a negative age.
+
+    Exact ages are never kept: every age that enters a record goes through here."""
+    if years is None:
+        return ""
+    try:
+        value = float(years)
+    except (TypeError, ValueError):
+        return ""
+    if math.isnan(value) or value < 0:
+        return ""
+    if value >= AGE_TOP:
+        return AGE_BINS[-1]
+    return AGE_BINS[int(value // AGE_BIN_WIDTH)]
+
+
+def clean_attribute(text: object) -> str:
+    """Letters, digits, spaces, "-", "." and "_" only, spaces collapsed, 64 characters at most."""
+    cleaned = " ".join(_NOT_ATTRIBUTE.sub("", str(text)).split())
+    return cleaned[:ATTRIBUTE_MAX_CHARS].strip()
+
+
+def _subgroup_value(column: str, value: object) -> str:
+    """The cleaned value of one subgroup column. An age_bin cell must be a bin of `AGE_BINS` or
+    a number of years (binned here); the error never quotes the cell, which may be an exact age."""
+    if column != "age_bin":
+        return clean_attribute(value)
+    text = str(value).strip()
+    if not text:
+        return ""
+    if text in AGE_BINS:
+        return text
+    try:
+        years = float(text)
+    except ValueError:
+        years = -1.0
+    binned = age_bin(years)
+    if not binned:
+        raise ValueError("age_bin is not a 10-year bin (0-9, 10-19, ..., 80-89, 90+) nor an age in years")
+    return binned
+
+
+def case_attributes(case_or_records: Case | Iterable[ImageRecord], column: str) -> str:
+    """The distinct non-empty values of `column` over a breast's images, sorted and joined with "+"
+    ("" when none): e.g. source "BUSI+CDD-CESM" for a virtual case. A `Case` gives its MG slot
+    images and its US images."""
+    if column not in SUBGROUP_COLUMNS:
+        raise ValueError(f"unknown subgroup column {column!r} (expected one of: {', '.join(SUBGROUP_COLUMNS)})")
+    records = ([*case_or_records.mg.values(), *case_or_records.us] if isinstance(case_or_records, Case)
+               else case_or_records)
+    return "+".join(sorted({value for rec in records if (value := getattr(rec, column))}))
 
 
 @dataclass
@@ -99,6 +184,9 @@ class Manifest:
         digest = hashlib.sha256()
         for rec in self.records:
             digest.update("|".join(_row(rec, None).values()).encode())
+            extra = _subgroup_row(rec)
+            if any(extra.values()):  # rows without subgroup values hash as before these columns existed
+                digest.update(("|" + "|".join(extra.values())).encode())
             digest.update(b"\n")
         return digest.hexdigest()[:16]
 
@@ -129,14 +217,22 @@ def _row(rec: ImageRecord, root: Path | None) -> dict[str, str]:
     }
 
 
+def _subgroup_row(rec: ImageRecord) -> dict[str, str]:
+    return {column: getattr(rec, column) for column in SUBGROUP_COLUMNS}
+
+
 def write_manifest(records: Iterable[ImageRecord], path: str | os.PathLike) -> Path:
-    """Write records as CSV with paths relative to the CSV's folder (atomic)."""
+    """Write records as CSV with paths relative to the CSV's folder (atomic).
+
+    The columns are `COLUMNS`, then those of `SUBGROUP_COLUMNS` that at least one record fills."""
     path = Path(path)
+    records = list(records)
+    extra = [column for column in SUBGROUP_COLUMNS if any(getattr(rec, column) for rec in records)]
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+        writer = csv.DictWriter(fh, fieldnames=[*COLUMNS, *extra])
         writer.writeheader()
         for rec in records:
-            writer.writerow(_row(rec, path.parent.resolve()))
+            writer.writerow({**_row(rec, path.parent.resolve()), **{c: getattr(rec, c) for c in extra}})
     return path
 
 
@@ -201,6 +297,7 @@ def _parse_row(row: dict[str, str], root: Path) -> ImageRecord:
         kind=Kind.parse(cell("kind")),
         label=Label.parse(label_text) if label_text else None,
         group=cell("group"),
+        **{column: cell(column) for column in SUBGROUP_COLUMNS},  # cleaned by ImageRecord
     )
 
 

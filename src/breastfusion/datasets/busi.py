@@ -9,6 +9,8 @@ localisation checks use them).
 Conventions of this adapter
   * label: the class folder (image-level labels).
   * modality US, view and kind empty (ultrasound).
+  * subgroup attributes: source "BUSI" only (BUSI gives no age, density or device
+    per image; its paper says 25-75 years, LOGIQ E9, for the whole set).
   * side: BUSI records no laterality. Every image gets ``Side.LEFT`` **by
     convention**; it carries no information and must not be read as the real side.
   * patient: BUSI has no patient ids, so each image is its own patient
@@ -52,6 +54,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 BUSI_SIDE = Side.LEFT  # BUSI has no laterality: a placeholder, by convention
 HASH_SIZE = 16
 HASH_MAX_DISTANCE = 12
+SOURCE = "BUSI"
 
 _MASK_RE = re.compile(r"_mask(?:_\d+)?$", re.IGNORECASE)
 _NUMBER_RE = re.compile(r"\((\d+)\)")
@@ -236,6 +239,7 @@ def load_busi(root: str | os.PathLike, *, size: int = HASH_SIZE, max_distance: i
         records.append(ImageRecord(
             patient_id=patient, side=BUSI_SIDE, modality=Modality.US, path=str(path),
             view=View.NONE, kind=Kind.NONE, label=label, group=f"BUSI-G{group + 1:04d}",
+            source=SOURCE,
         ))
     if report is not None:
         sizes = np.bincount(groups) if groups else np.zeros(0, dtype=int)

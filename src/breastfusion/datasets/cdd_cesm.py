@@ -27,6 +27,13 @@ Conventions of this adapter
     breasts of one woman always fall in one fold.
   * images are 512x512 with the aspect ratio NOT preserved (a third party resized
     them); preprocessing, not this adapter, has to live with that.
+  * subgroup attributes (``records.SUBGROUP_COLUMNS``), from the sheet: source
+    "CDD-CESM"; age_bin from ``Age`` (a 10-year bin; the exact age is not kept);
+    density from ``Breast density (ACR)`` (A-D; "_" or blank = unknown); model_name
+    "machine N" from ``Machine`` (the sheet numbers the devices, it does not name
+    them). Each value comes from the image's own CESM row, else from the DM row of
+    the same breast and view, else from any row of that breast: the sheet gives
+    the density on the DM rows only.
 
 Files that do not follow the naming, and images without a CESM row, are skipped
 with a warning; the optional ``report`` dict receives the counts.
@@ -41,7 +48,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from ..errors import BreastFusionError
-from ..records import ImageRecord
+from ..records import ImageRecord, age_bin, clean_attribute
 from ..vocab import Kind, Label, Modality, Side, View
 
 log = logging.getLogger(__name__)
@@ -50,6 +57,8 @@ IMAGE_FOLDER = "Subtracted images of CDD-CESM"
 ANNOTATIONS = "Radiology-manual-annotations.xlsx"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 PREFERRED_SHEET = "all"
+SOURCE = "CDD-CESM"
+DENSITIES = ("A", "B", "C", "D")  # ACR BI-RADS breast density
 
 _NAME_RE = re.compile(r"^P(\d+)_([LR])_(CM|DM)_(CC|MLO)$", re.IGNORECASE)
 
@@ -152,7 +161,87 @@ def read_annotation_frame(sheet: str | os.PathLike):
 
 def read_cdd_cesm_labels(sheet: str | os.PathLike, report: dict | None = None) -> dict[tuple[int, Side, View], Label]:
     """(patient number, side, view) -> label of the CESM (subtracted) image, from the sheet."""
-    frame = read_annotation_frame(sheet)
+    return _labels_of_frame(read_annotation_frame(sheet), report)
+
+
+def _row_key(row: dict, cols: dict[str, str]) -> tuple[int, Side, View, bool] | None:
+    """(patient, side, view, is a CESM row) of a sheet row, from its image name or its columns."""
+    def cell(key: str) -> str:
+        return str(row.get(cols[key], "") if key in cols else "").strip()
+
+    match = _NAME_RE.match(Path(cell("name")).stem if cell("name") else "")
+    if match:
+        return (int(match.group(1)), Side.parse(match.group(2)), View.parse(match.group(4)),
+                match.group(3).upper() == "CM")
+    if {"patient", "side", "view", "type"} <= cols.keys():
+        try:
+            patient = int(float(re.sub(r"^P", "", cell("patient"), flags=re.IGNORECASE)))
+            return patient, Side.parse(cell("side")), View.parse(cell("view")), cell("type").upper() in ("CESM", "CM")
+        except ValueError:
+            return None
+    return None
+
+
+def _attribute_columns(frame) -> dict[str, str]:
+    """Sheet columns of the subgroup attributes: age, density, machine (those present)."""
+    found: dict[str, str] = {}
+    for column in frame.columns:
+        norm = _norm(column)
+        if norm == "age":
+            found.setdefault("age", column)
+        elif "density" in norm:
+            found.setdefault("density", column)
+        elif norm.startswith("machine"):
+            found.setdefault("machine", column)
+    return found
+
+
+def _attributes_of_row(row: dict, cols: dict[str, str]) -> dict[str, str]:
+    """age_bin, density, model_name of one sheet row ("" for what it does not give)."""
+    def cell(key: str) -> str:
+        return str(row.get(cols[key], "") if key in cols else "").strip()
+
+    try:
+        years = float(cell("age")) if cell("age") else None
+    except ValueError:
+        years = None
+    density = cell("density").upper()
+    machine = cell("machine")
+    if re.fullmatch(r"\d+(\.0+)?", machine):
+        machine = str(int(float(machine)))
+    return {
+        "age_bin": age_bin(years),
+        "density": density if density in DENSITIES else "",  # "_" or blank: unknown
+        "model_name": clean_attribute(f"machine {machine}") if machine else "",
+    }
+
+
+def cdd_cesm_attributes(frame) -> dict[tuple[int, Side, View], dict[str, str]]:
+    """(patient, side, view) -> {age_bin, density, model_name} of that breast's image, from the sheet.
+
+    Each value comes from the image's CESM row, else its DM row (same breast and view), else
+    any row of the breast (the sheet gives the density on DM rows only)."""
+    cols = _columns(frame) or {}
+    attr_cols = _attribute_columns(frame)
+    ranked: dict[tuple[int, Side], list[tuple[int, View, dict[str, str]]]] = defaultdict(list)
+    for row in frame.to_dict("records"):
+        key = _row_key(row, cols)
+        if key is None:
+            continue
+        patient, side, view, is_cesm = key
+        ranked[(patient, side)].append((0 if is_cesm else 1, view, _attributes_of_row(row, attr_cols)))
+    out: dict[tuple[int, Side, View], dict[str, str]] = {}
+    for (patient, side), rows in ranked.items():
+        for view in {v for _, v, _ in rows}:
+            order = sorted(rows, key=lambda r, view=view: (r[1] != view, r[0]))  # own view first, CESM first
+            out[(patient, side, view)] = {
+                column: next((attrs[column] for _, _, attrs in order if attrs[column]), "")
+                for column in ("age_bin", "density", "model_name")
+            }
+    return out
+
+
+def _labels_of_frame(frame, report: dict | None = None) -> dict[tuple[int, Side, View], Label]:
     cols = _columns(frame)
     assert cols is not None
     found: dict[tuple[int, Side, View], set[Label]] = defaultdict(set)
@@ -202,7 +291,9 @@ def load_cdd_cesm(root: str | os.PathLike, *, report: dict | None = None) -> lis
     """
     image_dir, sheet = locate(root)
     info: dict = {}
-    labels = read_cdd_cesm_labels(sheet, info)
+    frame = read_annotation_frame(sheet)
+    labels = _labels_of_frame(frame, info)
+    attributes = cdd_cesm_attributes(frame)
     chosen: dict[tuple[int, Side, View], Path] = {}
     skipped: list[str] = []
     unlabeled: list[str] = []
@@ -243,6 +334,7 @@ def load_cdd_cesm(root: str | os.PathLike, *, report: dict | None = None) -> lis
         records.append(ImageRecord(
             patient_id=pid, side=side, modality=Modality.MG, path=str(path), view=view,
             kind=Kind.STANDARD, label=most_severe(breast_labels[(patient, side)]), group=pid,
+            source=SOURCE, **attributes.get((patient, side, view), {}),
         ))
     if report is not None:
         breasts = {(r.patient_id, r.side): r.label for r in records}

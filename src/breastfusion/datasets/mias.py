@@ -20,6 +20,10 @@ Conventions of this adapter
     always fall in one fold.
   * images listed in Info.txt but absent (the held-back portion) are ignored;
     image files without an Info.txt row are skipped with a warning.
+  * subgroup attributes: source "mini-MIAS"; density from the background tissue
+    column (F, G, D -> "fatty", "fatty-glandular", "dense-glandular"). These are
+    MIAS's own tissue classes, NOT BI-RADS densities A-D; they are kept as words so
+    that no table mixes them up. mini-MIAS gives no age and no device.
 """
 
 from __future__ import annotations
@@ -45,6 +49,10 @@ ABNORMALITY_CLASSES = ("CALC", "CIRC", "SPIC", "MISC", "ARCH", "ASYM", "NORM")
 
 _REF_RE = re.compile(r"^mdb(\d{3,})$", re.IGNORECASE)
 _SEVERITY = {"B": Label.BENIGN, "M": Label.MALIGNANT}
+SOURCE = "mini-MIAS"
+# MIAS background tissue classes -> manifest density values. Not BI-RADS (A-D): MIAS's own
+# three film-era classes, kept as words so they are never read as a BI-RADS density.
+TISSUE_DENSITY = {"F": "fatty", "G": "fatty-glandular", "D": "dense-glandular"}
 
 
 @dataclass
@@ -162,6 +170,7 @@ def load_mias(root: str | os.PathLike, *, report: dict | None = None) -> list[Im
         records.append(ImageRecord(
             patient_id=woman, side=mias_side(number), modality=Modality.MG, path=str(path),
             view=View.MLO, kind=Kind.STANDARD, label=entry.label, group=woman,
+            source=SOURCE, density=TISSUE_DENSITY.get(entry.tissue, ""),
         ))
     for name in not_listed:
         log.warning("mini-MIAS: skipped %s: not in %s", name, INFO_FILE)

@@ -28,6 +28,11 @@ Virtual patient id = the MG patient id (the two breasts of one CDD-CESM woman
 stay two cases of one patient); the US records take the breast's patient id,
 side and label; their path stays the BUSI file.
 
+Subgroup attributes (``records.SUBGROUP_COLUMNS``) stay those of each image's own
+dataset: the MG images keep their CDD-CESM (or mini-MIAS) source, age bin, density
+and machine, the US images their BUSI source. ``records.case_attributes`` then gives
+a virtual breast's age bin from its MG side and its source as "BUSI+CDD-CESM".
+
 Groups: union-find over the sources of each kept breast (its MG group, e.g. the
 CDD-CESM woman, and the near-duplicate groups of its US images). Breasts that
 share any source get one group id, so that no source ever straddles two folds.
@@ -227,7 +232,7 @@ def build_virtual_cohort(mg_records: Sequence[ImageRecord], us_records: Sequence
         group_sizes[group] += 1
         records.extend(replace(rec, group=group) for rec in mg)
         head = mg[0]
-        records.extend(
+        records.extend(  # replace() keeps each image's own subgroup attributes (module doc)
             replace(us, patient_id=head.patient_id, side=head.side, label=breast_label[cid], group=group)
             for us in assigned.get(cid, [])
         )

@@ -236,5 +236,6 @@ def subgroup_markdown(table: dict) -> str:
     for row, groups in table.items():
         for value, g in groups.items():
             cells = [(_ci(g["auc"][c]) if isinstance(g["auc"][c], dict) else g["auc"][c]) for c in CLASS_NAMES]
-            lines.append(f"| {row} | {value} | {g['n']} | " + " | ".join(cells) + " |")
+            n = "<5" if 0 < g["n"] < 5 else g["n"]
+            lines.append(f"| {row} | {value} | {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -46,11 +46,21 @@ conflicting laterality; a single-frame tomosynthesis slice or projection
 (an ImageType value in `TOMO_IMAGE_TYPES`, or "tomo" / "DBT" in the
 SeriesDescription, without a synthesized marker).
 
+Subgroup attributes (for the cohort table; never a reason to reject)
+    age_bin: PatientAge ("054Y", "030M", "012W", "005D"), else the years
+    between PatientBirthDate and StudyDate (else AcquisitionDate,
+    ContentDate, SeriesDate) when both parse, as a 10-year bin ("50-59",
+    top-coded "90+"; `records.age_bin`); "" when neither gives an age.
+    manufacturer: Manufacturer; model_name: ManufacturerModelName; both cleaned
+    to letters, digits, spaces, "-", "." and "_", 64 characters at most.
+
 Privacy: only the tags named above are read. Flags and reasons hold fixed
 words and coded values (CS values, code meanings cleaned to letters and
 digits), never free text from the file, so they may be logged.
 `series_description` is kept in `DicomInfo` for the caller's logic only and
-must not be written anywhere.
+must not be written anywhere. The exact age, the birth date and the study
+dates are read only to compute the age bin: they are never kept in
+`DicomInfo`, logged, or put in any message.
 """
 
 from __future__ import annotations
@@ -58,9 +68,11 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import date
 
 from pydicom.dataset import Dataset
 
+from ..records import age_bin, clean_attribute
 from ..vocab import Kind, Modality, Side, View
 from .pixels import quiet_pydicom
 
@@ -101,6 +113,8 @@ KIND_FIELDS = (
     "DerivationDescription",
 )
 TEXT_FIELDS = ("ViewPosition", "SeriesDescription", "ProtocolName")
+STUDY_DATE_FIELDS = ("StudyDate", "AcquisitionDate", "ContentDate", "SeriesDate")  # in order of preference
+MAX_AGE_YEARS = 130  # an older "age" comes from a placeholder birth date: no age
 
 _SYNTHESIZED = re.compile(
     r"\bc ?view\b|\bs ?view\b|\bv ?preview\b|\bgenerated ?2d\b|\binsight ?2d\b|\bsynth|2d ?synth"
@@ -111,6 +125,8 @@ _SIDE_WORD = re.compile(r"\b(left|right)\b|\b([lr]) ?(?:breast|br)\b|\bbreast ([
 _VIEW_WORD = re.compile(rf"(?:\b|(?<=\b[lr]))({_VIEW_ALT})\b")
 _TOMO_WORD = re.compile(r"\b(?:tomo|tomosynthesis|dbt)\b")
 _SPOT_OR_MAG = re.compile(r"\b(?:spot|mag|magnification|magnified)\b")
+_PATIENT_AGE = re.compile(r"^(\d{1,3}) ?([DWMY]?)$")
+_DAYS_PER_UNIT = {"D": 1.0, "W": 7.0, "M": 365.25 / 12, "Y": 365.25}
 
 
 @dataclass
@@ -126,6 +142,9 @@ class DicomInfo:
     kind: Kind | None
     flags: list[str] = field(default_factory=list)
     reject_reason: str | None = None
+    age_bin: str = ""  # a 10-year bin, never the exact age
+    manufacturer: str = ""
+    model_name: str = ""
 
 
 def describe(ds: Dataset) -> DicomInfo:
@@ -153,9 +172,57 @@ def _describe(ds: Dataset) -> DicomInfo:
         view=view,
         kind=kind,
         flags=flags,
+        age_bin=age_bin(_age_years(ds)),
+        manufacturer=clean_attribute(_text(ds, "Manufacturer")),
+        model_name=clean_attribute(_text(ds, "ManufacturerModelName")),
     )
     info.reject_reason = _reject_reason(ds, info)
     return info
+
+
+# -- age (only its bin leaves this module) -----------------------------------------------------
+
+
+def parse_patient_age(text: str) -> float | None:
+    """A DICOM AS value ("054Y", "030M", "012W", "005D"; digits alone read as years) in years;
+    None when it does not parse. The value is PHI: callers keep only `records.age_bin` of it."""
+    match = _PATIENT_AGE.match(str(text).strip().upper())
+    if not match:
+        return None
+    years = int(match.group(1)) * _DAYS_PER_UNIT[match.group(2) or "Y"] / 365.25
+    return years if years <= MAX_AGE_YEARS else None
+
+
+def _dicom_date(text: str) -> date | None:
+    """A DA value (YYYYMMDD; "YYYY.MM.DD" of old files too), or None."""
+    digits = re.sub(r"[^0-9]", "", text)
+    if len(digits) != 8:
+        return None
+    try:
+        return date(int(digits[:4]), int(digits[4:6]), int(digits[6:]))
+    except ValueError:
+        return None
+
+
+def years_between(birth: date, on: date) -> int:
+    """Completed years of life on a date."""
+    return on.year - birth.year - ((on.month, on.day) < (birth.month, birth.day))
+
+
+def _age_years(ds: Dataset) -> float | None:
+    """Age in years at the study: PatientAge, else PatientBirthDate to the first study date that parses."""
+    age = parse_patient_age(_text(ds, "PatientAge"))
+    if age is not None:
+        return age
+    birth = _dicom_date(_text(ds, "PatientBirthDate"))
+    if birth is None:
+        return None
+    for keyword in STUDY_DATE_FIELDS:
+        on = _dicom_date(_text(ds, keyword))
+        if on is not None:
+            years = years_between(birth, on)
+            return years if 0 <= years <= MAX_AGE_YEARS else None
+    return None
 
 
 # -- modality ----------------------------------------------------------------------------------

@@ -31,8 +31,10 @@ two conventions; the sidecar wins when both apply:
    `patient_id`, `side` (L/R) and `modality` (MG/US) are required. MG needs
    `view` (CC, MLO or OTHER); its `kind` is "2D" (the default) or
    "synthesized". US has no view or kind. `label` (normal, benign,
-   malignant) and `group` are optional. Sidecars themselves are not listed
-   as skipped.
+   malignant) and `group` are optional, and so are the subgroup attributes
+   `source`, `manufacturer`, `model_name`, `density` and `age_bin` (a
+   10-year bin such as "50-59"), or `age` in years (binned; the exact age is
+   not kept). Sidecars themselves are not listed as skipped.
 2. A folder layout: the last four parts of the path under the root are
    `<patient_id>/<L|R>/<MG|US>/<file>`. An MG file name (without extension,
    case-insensitive) must name exactly one view, CC or MLO, as a token not
@@ -42,14 +44,18 @@ two conventions; the sidecar wins when both apply:
    standard 2D otherwise. US files may have any name.
 
 Labels (optional CSV)
-    Columns `patient_id`, `side`, `label` (header names case-insensitive).
+    Columns `patient_id`, `side`, `label` (header names case-insensitive),
+    optionally `density` (BI-RADS breast density A, B, C or D, or 1-4 for
+    A-D, case-insensitive; empty for unknown) and `age` (years at the study;
+    only its 10-year bin is kept).
     `patient_id` is the id as found (or its pseudonym); `side` is L/R (or
     left/right), empty for every breast of the patient; labels are normal,
     benign or malignant, case-insensitive. An unknown label or side, an
     empty patient id, or two labels for one breast raise `ManifestError`
     listing every such line. A row that names no ingested breast is a line in
     `IngestResult.problems` (by line number) and in the summary. CSV labels
-    override sidecar labels.
+    override sidecar labels; a row's density and age bin, when given, override
+    those of the header or sidecar.
 
 Pseudonymisation
     With a salt, every patient id becomes "anon-" + the first 12 hex digits
@@ -58,8 +64,9 @@ Pseudonymisation
 
 Privacy
     Records hold the patient id (pseudonymised on request), side, modality,
-    view, kind, label, group and the file path, and nothing else from a
-    header; summaries, reasons, flags and problem lines hold counts, fixed
+    view, kind, label, group, the file path and the subgroup attributes (age
+    as a 10-year bin only, manufacturer and model names), and nothing else
+    from a header; summaries, reasons, flags and problem lines hold counts, fixed
     words, coded values and paths relative to the root. File and folder
     names are copied as they are (the folder layout puts the patient id in
     paths): an archive whose names carry identities must be renamed first.
@@ -81,7 +88,7 @@ from pathlib import Path
 
 from ..errors import BreastFusionError, InputImageError, ManifestError
 from ..files import atomic_path
-from ..records import ImageRecord, validate, write_manifest
+from ..records import ImageRecord, age_bin, validate, write_manifest
 from ..vocab import Kind, Label, Modality, Side, View
 from .dicom import describe, header_value
 from .pixels import dataset_image, input_errors, load_dicom, quiet_pydicom, read_image, sniff
@@ -91,6 +98,8 @@ LAYOUT = "<patient_id>/<L|R>/<MG|US>/<file>"
 NO_CONVENTION = f"image file without sidecar JSON or folder layout ({LAYOUT})"
 _MG_VIEW_IN_NAME = re.compile(r"(?<![A-Z])[LR]?(CC|MLO)(?![A-Z])")
 _SYNTH_IN_NAME = re.compile(r"SYNTH|C-?VIEW")
+SIDECAR_ATTRIBUTES = ("source", "manufacturer", "model_name", "density", "age_bin")
+DENSITIES = {"a": "A", "b": "B", "c": "C", "d": "D", "1": "A", "2": "B", "3": "C", "4": "D"}
 
 
 @dataclass
@@ -220,6 +229,7 @@ def _ingest_dicom(path: Path, root: Path, seen_uids: dict[str, str]) -> tuple[Im
     record = ImageRecord(
         patient_id=info.patient_id, side=info.side, modality=info.modality, path=str(path),
         view=info.view or View.NONE, kind=info.kind or Kind.NONE,
+        age_bin=info.age_bin, manufacturer=info.manufacturer, model_name=info.model_name,
     )
     return record, info.flags
 
@@ -271,11 +281,37 @@ def _record_from_meta(path: Path, meta: dict[str, str]) -> ImageRecord:
             raise ValueError("MG needs a view (CC, MLO or OTHER) and a kind (2D or synthesized)")
     elif meta.get("view") or meta.get("kind"):
         raise ValueError("US images have no view or kind")
+    attributes = {key: meta.get(key, "") for key in SIDECAR_ATTRIBUTES}
+    if not attributes["age_bin"] and meta.get("age"):
+        attributes["age_bin"] = _years_to_bin(meta["age"])
     return ImageRecord(
         patient_id=meta["patient_id"], side=side, modality=modality,
         path=str(path), view=view, kind=kind,
         label=Label.parse(meta["label"]) if meta.get("label") else None, group=meta.get("group", ""),
+        **attributes,  # cleaned (and the age bin checked) by ImageRecord
     )
+
+
+def _years_to_bin(text: str) -> str:
+    """An age in years -> its 10-year bin; ValueError (never quoting the age) when it is not one."""
+    try:
+        years = float(text)
+    except ValueError:
+        years = -1.0
+    binned = age_bin(years)
+    if not binned:
+        raise ValueError("age is not a number of years")
+    return binned
+
+
+def _density(text: str) -> str:
+    """BI-RADS density A-D (also 1-4, any case) or "" -> "A".."D" or ""; ValueError otherwise."""
+    if not text:
+        return ""
+    density = DENSITIES.get(text.strip().lower())
+    if density is None:
+        raise ValueError(f"density {text!r} is not a BI-RADS density (A, B, C, D or 1-4)")
+    return density
 
 
 def _from_layout(path: Path, root: Path) -> ImageRecord | None:
@@ -308,6 +344,8 @@ class LabelRow:
     patient_id: str
     side: Side | None
     label: Label
+    density: str = ""  # BI-RADS A-D or ""
+    age_bin: str = ""  # a 10-year bin or "", never the exact age
 
 
 def read_labels(path: PathLike) -> list[LabelRow]:
@@ -346,7 +384,9 @@ def _label_row(lineno: int, row: dict[str, str]) -> LabelRow:
     if not patient:
         raise ValueError("empty patient_id")
     side = Side.parse(row["side"]) if row.get("side") else None
-    return LabelRow(lineno, patient, side, Label.parse(row.get("label", "")))
+    label = Label.parse(row.get("label", ""))
+    age = _years_to_bin(row["age"]) if row.get("age") else ""
+    return LabelRow(lineno, patient, side, label, _density(row.get("density", "")), age)
 
 
 def _label_conflicts(rows: list[LabelRow], name: str) -> list[str]:
@@ -358,12 +398,20 @@ def _label_conflicts(rows: list[LabelRow], name: str) -> list[str]:
         if earlier.label is not row.label:
             problems.append(f"{name} line {row.line}: label {row.label.value} differs from line "
                             f"{earlier.line} ({earlier.label.value}) for the same breast")
+        if row.density and earlier.density and row.density != earlier.density:
+            problems.append(f"{name} line {row.line}: density {row.density} differs from line "
+                            f"{earlier.line} ({earlier.density}) for the same breast")
+        if row.age_bin and earlier.age_bin and row.age_bin != earlier.age_bin:  # bins are not quoted
+            problems.append(f"{name} line {row.line}: age differs from line {earlier.line} for the same breast")
     return problems
 
 
 def _apply_labels(records: list[ImageRecord], rows: list[LabelRow], labels_csv: PathLike | None,
                   salt: str | None) -> tuple[list[ImageRecord], list[str]]:
-    """Labels from the CSV (by exact side, else patient-wide); lines naming no breast are problems."""
+    """Labels from the CSV (by exact side, else patient-wide); lines naming no breast are problems.
+
+    Density and age bin come from the first of those rows that gives them (a patient-wide row
+    can give the age while per-breast rows give the labels)."""
     if not rows:
         return records, []
     table = {(row.patient_id, row.side): row for row in rows}
@@ -372,10 +420,16 @@ def _apply_labels(records: list[ImageRecord], rows: list[LabelRow], labels_csv: 
     for rec in records:
         ids = [rec.patient_id] + ([pseudonymise(rec.patient_id, salt)] if salt is not None else [])
         keys = [(pid, side) for side in (rec.side, None) for pid in ids]
-        row = next((table[key] for key in keys if key in table), None)
-        if row is not None:
+        matches = [table[key] for key in keys if key in table]
+        if matches:
+            row = matches[0]
             used.add(row.line)
             rec = replace(rec, label=row.label)
+            for column in ("density", "age_bin"):
+                giver = next((m for m in matches if getattr(m, column)), None)
+                if giver is not None:
+                    used.add(giver.line)
+                    rec = replace(rec, **{column: getattr(giver, column)})
         out.append(rec)
     name = Path(labels_csv).name if labels_csv is not None else "labels"
     problems = [f"{name} line {row.line}: no ingested image for this patient"
