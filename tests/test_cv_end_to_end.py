@@ -9,6 +9,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from breastfusion.config import BackboneConfig, CVConfig, RunConfig, TrainConfig, load_run_config
+from breastfusion.evaluation.report import report_markdown
 from breastfusion.experiment import run_experiment
 from breastfusion.records import read_manifest
 
@@ -71,6 +72,11 @@ def check_statistics(out, saved, report):
             assert auc["value"] == pytest.approx(roc_auc_score(patients["label"] == k, patients[f"p_{cls}"]))
             assert auc["low"] <= auc["value"] <= auc["high"]
         assert pooled["accuracy"]["value"] == pytest.approx((patients["pred"] == patients["label"]).mean())
+    us, mg, mm = (row["preprocessing_notes"] for row in saved["rows"])
+    assert us == {} and mg == mm and set(mg) <= {"chest wall found on the side the laterality does not say"}
+    flagged = {**saved["rows"][0], "preprocessing_notes": {"whole image kept (no breast or scan area found)": 2}}
+    assert "Preprocessing: whole image kept (no breast or scan area found): 2 image(s)." in \
+        report_markdown("t", [flagged], {})
     pairs = {(c["a"], c["b"]) for c in saved["statistics"]["comparisons"]}
     assert pairs == {("MM", "US"), ("MM", "MG")}
     assert "## Pooled out-of-fold figures" in report and "## Paired comparisons (same patients)" in report

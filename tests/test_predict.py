@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 from breastfusion.config import BackboneConfig, CVConfig, RunConfig, TrainConfig
 from breastfusion.errors import WeightsError
@@ -23,7 +24,7 @@ from breastfusion.inference.networks import trained_net
 from breastfusion.inference.runtime import pick_device
 from breastfusion.models.weights import read_state_dict
 from breastfusion.predict.bundle import export_bundle, load_bundle
-from breastfusion.predict.run import ensemble_logits, naive_probabilities, predict, write_prediction
+from breastfusion.predict.run import ensemble_logits, naive_probabilities, predict, predict_batch, write_prediction
 from breastfusion.records import read_manifest
 
 from conftest import tiny_model_config, write_tiny_cohort
@@ -239,3 +240,102 @@ def test_cli_export_then_predict_a_dicom_study_folder_without_leaking_phi(traine
             assert not [m for m in PHI_MARKERS if m in text], file
     for m in PHI_MARKERS:
         assert m not in out.output
+
+
+# -- long batches and visible fallbacks (issue 16) ----------------------------------------------
+
+
+def _flagged_cohort(root):
+    """The tiny cohort with one blank mammogram (whole image kept) and one colour mammogram (greyed)."""
+    manifest = read_manifest(write_tiny_cohort(root, n_cases=6, seed=3))
+    cases = manifest.cases()
+    blank, colour = next(iter(cases["P000:L"].mg.values())), next(iter(cases["P001:L"].mg.values()))
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(blank.path)  # P000 CC-2D: nothing to crop
+    Image.fromarray((np.random.default_rng(1).random((32, 32, 3)) * 255).astype(np.uint8)).save(colour.path)
+    return manifest
+
+
+def test_fallbacks_are_flagged_in_instances_reports_and_summary(trained, tmp_path):
+    _, _, bundle_dir, _ = trained
+    bundle = load_bundle(bundle_dir)
+    manifest = _flagged_cohort(tmp_path / "data")
+    out = tmp_path / "out"
+    pred = predict_batch(manifest, bundle, out, cache_dir=tmp_path / "cache", heatmaps=False, progress=False)
+    instances = pd.read_csv(out / "instances.csv").fillna("")
+    notes = dict(zip(instances["case_id"], instances["notes"], strict=False))
+    assert notes["P000:L"] == "CC-2D: whole image kept (no breast or scan area found)"
+    assert notes["P001:L"] == "CC-2D: colour image converted to grey"
+    assert notes["P002:L"] == ""
+    summary = json.loads((out / "predictions.json").read_text())
+    assert summary["preprocessing_notes"] == {"colour image converted to grey": 1,
+                                              "whole image kept (no breast or scan area found)": 1}
+    assert pred.note_counts() == summary["preprocessing_notes"]
+    page = (out / "reports" / "P000_L.html").read_text()
+    assert "CC-2D: whole image kept" in page
+    assert "CC-2D: colour image converted to grey" in (out / "worklist.csv").read_text()
+
+
+def test_a_failing_patient_is_reported_and_the_batch_goes_on(trained, tmp_path, monkeypatch):
+    from breastfusion.predict import run
+
+    _, _, bundle_dir, _ = trained
+    bundle = load_bundle(bundle_dir)
+    manifest = read_manifest(write_tiny_cohort(tmp_path / "data", n_cases=6, seed=4))
+    real = run._panels
+
+    def panels(bundle, items, *args):
+        if items[0].case_id == "P002:L":
+            raise RuntimeError("a study this code cannot explain")
+        return real(bundle, items, *args)
+
+    monkeypatch.setattr(run, "_panels", panels)
+    out = tmp_path / "out"
+    pred = predict_batch(manifest, bundle, out, cache_dir=tmp_path / "cache", progress=False, chunk_size=4)
+    assert pred.failed == {"P002:L": "RuntimeError: a study this code cannot explain"}
+    assert sorted(pd.read_csv(out / "predictions.csv")["case_id"]) == ["P000:L", "P001:L", "P003:L", "P004:L",
+                                                                       "P005:L"]
+    assert json.loads((out / "predictions.json").read_text())["failed_patients"] == pred.failed
+
+
+def test_an_interrupted_batch_resumes_without_redoing_finished_patients(trained, tmp_path, monkeypatch):
+    from breastfusion.predict import run
+
+    _, _, bundle_dir, _ = trained
+    bundle = load_bundle(bundle_dir)
+    manifest = read_manifest(write_tiny_cohort(tmp_path / "data", n_cases=7, seed=5))
+    cache = tmp_path / "cache"
+    whole = predict(manifest, bundle, cache_dir=cache, heatmaps=False, progress=False)
+    real, calls = run.predict_cases, []
+
+    class Stopped(Exception):
+        """Stands for the batch being killed (kill -9 or Ctrl-C) during its third chunk."""
+
+    def stop_after_two(cases, *args, **kwargs):
+        calls.append([c.case_id for c in cases])
+        if len(calls) == 3 and stop_after_two.armed:
+            raise Stopped
+        return real(cases, *args, **kwargs)
+
+    stop_after_two.armed = True
+
+    monkeypatch.setattr(run, "predict_cases", stop_after_two)
+    out = tmp_path / "out"
+    with pytest.raises(Stopped):
+        predict_batch(manifest, bundle, out, cache_dir=cache, heatmaps=False, progress=False, chunk_size=2)
+    assert not (out / "predictions.csv").exists() and len(list((out / ".partial").glob("chunk-*.json"))) == 2
+    calls.clear()
+    stop_after_two.armed = False
+    pred = predict_batch(manifest, bundle, out, cache_dir=cache, heatmaps=False, progress=False, chunk_size=2)
+    assert [c for chunk in calls for c in chunk] == ["P004:L", "P005:L", "P006:L"]  # only what was left
+    assert not (out / ".partial").exists()
+    got = pd.read_csv(out / "predictions.csv").set_index("case_id").sort_index()
+    ref = whole.patients.set_index("case_id").sort_index()
+    np.testing.assert_allclose(got[PROBA_COLUMNS].to_numpy(), ref[PROBA_COLUMNS].to_numpy(), atol=1e-6)
+    assert list(got["decision"]) == list(ref["decision"]) and len(pred.patients) == 7
+    # a journal of another bundle is not trusted
+    (out / ".partial").mkdir()
+    (out / ".partial" / "fingerprint.json").write_text('{"bundle": "another"}')
+    (out / ".partial" / "chunk-0.json").write_text("{}")
+    calls.clear()
+    predict_batch(manifest, bundle, out, cache_dir=cache, heatmaps=False, progress=False, chunk_size=4)
+    assert len([c for chunk in calls for c in chunk]) == 7

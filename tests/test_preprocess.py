@@ -415,3 +415,18 @@ def test_crops_on_public_datasets():
         results += 1
     assert results == 22
     assert fallbacks <= 2 and mismatches == 0
+
+
+def test_cache_keeps_each_images_notes_and_fills_them_for_old_entries(tmp_path):
+    blank = save_png(tmp_path / "blank.png", np.zeros((40, 40)))
+    normal = save_png(tmp_path / "mg.png", synthetic_mammogram())
+    cache = PreprocessCache(tmp_path / "cache", Preprocessor(size=32))
+    assert cache.notes(blank, "MG", "L") == ("fallback",) and cache.notes(normal, "MG", "L") == ()
+    assert cache.computed == 0  # notes of an image not cached yet: processed once, cached with its notes
+    cache.get(blank, "MG", "L")
+    assert (cache.computed, cache.reused) == (0, 1)
+    notes_file = cache.file_for(blank, "MG", "L").with_name(cache.file_for(blank, "MG", "L").stem + ".notes.json")
+    assert json.loads(notes_file.read_text()) == {"notes": ["fallback"]}
+    notes_file.unlink()  # an entry from a version that kept no notes
+    again = PreprocessCache(tmp_path / "cache", Preprocessor(size=32))
+    assert again.notes(blank, "MG", "L") == ("fallback",) and notes_file.is_file()

@@ -173,6 +173,7 @@ def _run_experiment(manifest: Manifest, rows: Sequence[RunConfig], out_dir: str 
         entry["patient_mean"]["pooled"] = patient_intervals(patient_means, bootstrap)
         entry["excluded"] = dict(result.data.skipped)
         entry["refused_images"] = len(result.data.failed)
+        entry["preprocessing_notes"] = result.data.note_counts()
         entry["seconds"] = round(time.time() - t0, 1)
         rel = row_dir.relative_to(out).as_posix()
         entry["files"] = {"config": f"{rel}/config.yaml", "roc": f"{rel}/roc.png",

@@ -197,6 +197,11 @@ def report_markdown(title: str, rows: Sequence[dict], provenance: dict, statisti
             parts += [f"| {c} | {_ci(pooled['auc'][c])} | {_ci(pooled['sensitivity'][c])} | "
                       f"{_ci(pooled['specificity'][c])} |" for c in CLASS_NAMES]
             parts.append(f"| all | macro {_ci(pooled['macro_auc'])} | accuracy {_ci(pooled['accuracy'])} | |")
+        if r.get("preprocessing_notes") or r.get("refused_images"):
+            notes = "; ".join(f"{reason}: {n} image(s)" for reason, n in r.get("preprocessing_notes", {}).items())
+            parts += ["", "Preprocessing: " + "; ".join(filter(None, [
+                notes, f"{r['refused_images']} image(s) refused (refused_images.json)" if r.get("refused_images")
+                else ""])) + "."]
         parts += ["", "Patient-level confusion (vote), all validation folds:", "",
                   _confusion_markdown(r["patient"]["confusion"]), ""]
         if "calibration" in r:

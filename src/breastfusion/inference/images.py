@@ -11,11 +11,13 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections import Counter
+from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
 from ..config import RunConfig
 from ..errors import InputImageError
+from ..preprocess.mammo import NOTES
 from ..preprocess.pipeline import ImageSource, Preprocessor
 from ..records import ImageRecord
 from .instances import Instance
@@ -30,15 +32,41 @@ def image_source(cfg: RunConfig, cache_dir: str | os.PathLike | None = None) -> 
     return ImageSource.sized(cache_dir or cfg.train.cache_dir, pre, sizes)
 
 
-def screen(records: list[ImageRecord], source: ImageSource, progress: bool = True) -> dict[str, str]:
-    """Preprocess every image once (filling the cache); return the refused ones with their reasons."""
-    failed = {}
+@dataclass
+class Screening:
+    """What preprocessing said about a set of images: the refused ones with their reasons, and
+    the used ones it flagged (`CropInfo.notes`: whole image kept, colour greyed, ...)."""
+
+    refused: dict[str, str] = field(default_factory=dict)  # path -> one-line reason
+    notes: dict[str, tuple[str, ...]] = field(default_factory=dict)  # path -> notes (flagged images only)
+
+    def counts(self) -> dict[str, int]:
+        """Images per note, in the words of `NOTES`."""
+        counts = Counter(NOTES[n] for notes in self.notes.values() for n in notes)
+        return dict(sorted(counts.items()))
+
+
+def screen(records: list[ImageRecord], source: ImageSource, progress: bool = True) -> Screening:
+    """Preprocess every image once (filling the cache); the refused ones with their reasons and
+    the flagged ones with their notes."""
+    out = Screening()
     for rec in tqdm(records, desc="preprocess", unit="img", disable=not progress, leave=False):
         try:
             source.ensure(rec.path, rec.modality, rec.side)
         except InputImageError as exc:
-            failed[rec.path] = str(exc)
-    return failed
+            out.refused[rec.path] = str(exc)
+    out.notes = noted([r for r in records if r.path not in out.refused], source)
+    return out
+
+
+def noted(records: list[ImageRecord], source: ImageSource) -> dict[str, tuple[str, ...]]:
+    """The preprocessing notes of images already in the cache (path -> notes; flagged ones only)."""
+    out = {}
+    for rec in records:
+        notes = source.notes(rec.path, rec.modality, rec.side)
+        if notes:
+            out[rec.path] = notes
+    return out
 
 
 def without_failed(instances: list[Instance], failed: dict[str, str], skipped: Counter) -> list[Instance]:

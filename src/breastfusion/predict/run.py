@@ -14,11 +14,17 @@ an MG image is then encoded once for the whole ensemble.
 Output folder::
 
     predictions.csv     one row per patient: probabilities, triage (vote, mean), decision
-    instances.csv       one row per instance (US image) with its probabilities
-    predictions.json    both, plus the model, the operating points and the refusals
+    instances.csv       one row per instance (US image) with its probabilities and notes (views
+                        missing, preprocessing fallbacks such as "whole image kept")
+    predictions.json    both, plus the model, the operating points, the refusals, the patients
+                        that failed (with the reason) and the preprocessing notes per reason
     heatmaps/CASE/*.png Grad-CAM overlays (and *.npy with --save-arrays)
     reports/CASE.html   one self-contained report per patient
     worklist.csv, worklist.html   patients ranked by malignant probability
+
+`predict_batch` (the CLI) streams: a chunk of patients at a time, recorded in ``.partial/``
+(journal.py) so that memory stays bounded and an interrupted batch resumes; one patient
+whose prediction fails is reported in ``failed_patients`` and the batch goes on.
 """
 
 from __future__ import annotations
@@ -45,19 +51,23 @@ from ..explain.gradcam import explain_instance
 from ..files import atomic_path, safe_name, write_text
 from ..inference.batches import instance_batch
 from ..inference.encode import trained_features, trained_part
-from ..inference.images import image_source, screen, without_failed
+from ..inference.images import Screening, image_source, screen, without_failed
 from ..inference.instances import Instance, build_instances
 from ..inference.runtime import memory_format, pick_device, tensor_to
 from ..models.backbones import Backbone
 from ..models.network import FusionHead
+from ..preprocess.mammo import NOTES
 from ..preprocess.pipeline import ImageSource
 from ..provenance import stamp
-from ..records import ImageRecord, Manifest
+from ..records import Case, ImageRecord, Manifest
 from ..vocab import CLASS_NAMES, Modality
 from .bundle import Bundle
 from .html import ImagePanel, InstanceRow, PatientResult, overlay_png, write_patient_report, write_worklist
+from .journal import Journal
 
 log = logging.getLogger(__name__)
+
+CHUNK_PATIENTS = 32  # patients predicted (and held in memory with their heatmaps) at a time by predict_batch
 
 
 class FeatureBank:
@@ -161,33 +171,107 @@ class Prediction:
     patients: pd.DataFrame
     results: list[PatientResult]
     skipped: Counter = field(default_factory=Counter)
-    refused: dict[str, str] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)  # image path -> why preprocessing refused it
+    notes: dict[str, tuple[str, ...]] = field(default_factory=dict)  # image path -> preprocessing notes
+    failed: dict[str, str] = field(default_factory=dict)  # case id -> why the patient could not be predicted
+
+    @classmethod
+    def empty(cls, **what) -> Prediction:
+        return cls(pd.DataFrame(columns=INSTANCE_COLUMNS), pd.DataFrame(columns=PATIENT_COLUMNS), [], **what)
+
+    @classmethod
+    def merged(cls, parts: list[Prediction]) -> Prediction:
+        out = cls.empty()
+        for part in parts:
+            out.results += part.results
+            out.skipped.update(part.skipped)
+            out.refused.update(part.refused)
+            out.notes.update(part.notes)
+            out.failed.update(part.failed)
+        frames = [p for p in parts if len(p.patients)]
+        if frames:
+            out.instances = pd.concat([p.instances for p in frames], ignore_index=True)
+            out.patients = pd.concat([p.patients for p in frames], ignore_index=True)
+        return out
+
+    def note_counts(self) -> dict[str, int]:
+        """Images used per preprocessing note (whole image kept, colour greyed, ...)."""
+        return Screening(notes=self.notes).counts()
+
+
+INSTANCE_COLUMNS = ["instance_id", "case_id", "us_image", *PROBA_COLUMNS, "notes"]
+PATIENT_COLUMNS = ["case_id", *PROBA_COLUMNS, "n_instances", "triage_vote", "triage_mean", "decision"]
 
 
 def predict(manifest: Manifest, bundle: Bundle, cache_dir: str | os.PathLike = ".cache/breastfusion",
             heatmaps: bool = True, device: str = "auto", progress: bool = True) -> Prediction:
+    """Every patient of `manifest`, in memory (heatmaps included): for a few hundred patients;
+    `predict_batch` streams any number to a folder."""
     cfg = bundle.config
-    dev = pick_device(device)
-    source = image_source(cfg, cache_dir)
-    instances, skipped = build_instances(manifest.cases().values(), cfg.model.modality_set, cfg.model.slots)
+    cases = list(manifest.cases().values())
+    log.info("predicting %d patient(s), %d image(s) with %s (%d fold networks)", len(cases), _images(cases),
+             bundle.version, len(bundle.nets))
+    pred = predict_cases(cases, bundle, image_source(cfg, cache_dir), pick_device(device), heatmaps, progress)
+    _nothing_predicted(pred, cfg)
+    return pred
+
+
+def _images(cases: list[Case]) -> int:
+    return len({r.path for c in cases for r in (*c.mg.values(), *c.us)})
+
+
+def _nothing_predicted(pred: Prediction, cfg) -> None:
+    if len(pred.patients):
+        return
+    if pred.failed:
+        case, reason = next(iter(pred.failed.items()))
+        raise CohortError(f"no patient could be predicted; {len(pred.failed)} failed, first {case}: {reason}")
+    raise CohortError(f"no patient has the images this model needs ({', '.join(cfg.model.mg_slots)} "
+                      f"for MG, one US image for US): {dict(pred.skipped)}")
+
+
+def predict_cases(cases: list[Case], bundle: Bundle, source: ImageSource, dev: torch.device,
+                  heatmaps: bool = True, progress: bool = True) -> Prediction:
+    """Predict these cases. A patient whose prediction raises is reported in `failed` with the
+    reason, and the others are predicted: one bad study never stops a batch."""
+    cfg = bundle.config
+    instances, skipped = build_instances(cases, cfg.model.modality_set, cfg.model.slots)
     records = list({r.path: r for i in instances for r in (*i.mg, i.us) if r is not None}.values())
-    log.info("predicting %d patient(s), %d image(s) with %s (%d fold networks) on %s",
-             len({i.case_id for i in instances}), len(records), bundle.version, len(bundle.nets), dev)
-    refused = screen(records, source, progress)
-    for reason in refused.values():
+    screening = screen(records, source, progress)
+    for reason in screening.refused.values():
         log.warning("image refused by preprocessing: %s", reason)
-    instances = without_failed(instances, refused, skipped)
+    instances = without_failed(instances, screening.refused, skipped)
     for reason, count in skipped.items():
         log.warning("not predicted: %d %s", count, reason)
+    found = {"skipped": skipped, "refused": screening.refused, "notes": screening.notes}
     if not instances:
-        raise CohortError(f"no patient has the images this model needs ({', '.join(cfg.model.mg_slots)} "
-                          f"for MG, one US image for US): {dict(skipped)}")
+        return Prediction.empty(**found)
+    try:
+        return _predicted(instances, bundle, source, dev, heatmaps, progress, **found)
+    except Exception as exc:  # noqa: BLE001 - reported per patient below, never silently
+        if len(cases) > 1:  # find the patient(s) it came from; the others are predicted
+            log.warning("a patient of this batch failed (%s); predicting them one by one", _one_line(exc))
+            return Prediction.merged([predict_cases([c], bundle, source, dev, heatmaps, False) for c in cases])
+        log.warning("%s: not predicted: %s", cases[0].case_id, _one_line(exc))
+        log.debug("traceback of the failure", exc_info=True)
+        return Prediction.empty(**found, failed={cases[0].case_id: _one_line(exc)})
+
+
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+
+
+def _predicted(instances: list[Instance], bundle: Bundle, source: ImageSource, dev: torch.device, heatmaps: bool,
+               progress: bool, skipped: Counter, refused: dict[str, str],
+               notes: dict[str, tuple[str, ...]]) -> Prediction:
+    cfg = bundle.config
     probs = bundle.probabilities(ensemble_logits(bundle, instances, source, dev))
     table = pd.DataFrame({"instance_id": [i.instance_id for i in instances],
                           "case_id": [i.case_id for i in instances],
                           "us_image": [Path(i.us.path).name if i.us is not None else "" for i in instances],
                           "label": -1})
     table[PROBA_COLUMNS] = probs
+    table["notes"] = ["; ".join(_image_notes(i, cfg.model.mg_slots, notes)) for i in instances]
     by_vote, by_mean = aggregate(table, "vote"), aggregate(table, "mean")
     points = bundle.points
     patients = by_mean[["case_id", *PROBA_COLUMNS, "n_instances"]].copy()
@@ -212,14 +296,24 @@ def predict(manifest: Manifest, bundle: Bundle, cache_dir: str | os.PathLike = "
                                    {c: float(probs[k, j]) for j, c in enumerate(CLASS_NAMES)})
                        for k in by_case[row["case_id"]]],
             panels=panels,
-            warnings=_warnings(items, cfg.model.mg_slots),
+            warnings=_warnings(items, cfg.model.mg_slots, notes),
         ))
-    return Prediction(table.drop(columns="label"), patients, results, skipped, refused)
+    return Prediction(table.drop(columns="label"), patients, results, skipped, refused, notes)
 
 
-def _warnings(items: list[Instance], slots: list[str]) -> list[str]:
-    first = items[0]
-    return [f"{slot} view missing" for slot, rec in zip(slots, first.mg, strict=False) if rec is None]
+def _image_notes(inst: Instance, slots: list[str], notes: dict[str, tuple[str, ...]]) -> list[str]:
+    """One instance's flags: empty MG views and what preprocessing noted on its images."""
+    out = [f"{slot} view missing" for slot, rec in zip(slots, inst.mg, strict=False) if rec is None]
+    named = [(slot, rec) for slot, rec in zip(slots, inst.mg, strict=False) if rec is not None]
+    if inst.us is not None:
+        named.append(("US", inst.us))
+    out += [f"{name}: {NOTES[n]}" for name, rec in named for n in notes.get(rec.path, ())]
+    return out
+
+
+def _warnings(items: list[Instance], slots: list[str], notes: dict[str, tuple[str, ...]]) -> list[str]:
+    """A patient's flags over all its instances, each once (the MG views are in every instance)."""
+    return list(dict.fromkeys(w for inst in items for w in _image_notes(inst, slots, notes)))
 
 
 def _panels(bundle: Bundle, items: list[Instance], source: ImageSource, dev, target: int) -> list[ImagePanel]:
@@ -258,19 +352,61 @@ def _normalise(heat: np.ndarray) -> np.ndarray:
     return (heat / top).astype(np.float32) if top > 0 else heat.astype(np.float32)
 
 
+def predict_batch(manifest: Manifest, bundle: Bundle, out_dir: str | os.PathLike,
+                  cache_dir: str | os.PathLike = ".cache/breastfusion", heatmaps: bool = True, device: str = "auto",
+                  progress: bool = True, save_arrays: bool = False,
+                  skipped_at_ingest: list[tuple[str, str]] | None = None, command: str = "",
+                  chunk_size: int = CHUNK_PATIENTS) -> Prediction:
+    """`predict` + `write_prediction` for any number of patients, in bounded memory: patients go
+    through `chunk_size` at a time, each chunk's heatmaps and reports are written and its rows
+    recorded (journal.py) before the next one starts, so memory does not grow with the batch
+    and an interrupted batch, run again, resumes after its last finished chunk. Returns the
+    batch's Prediction without heatmap panels."""
+    cfg, out = bundle.config, Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    journal = Journal(out, {"bundle": bundle.meta.sha256, "heatmaps": heatmaps, "save_arrays": save_arrays})
+    cases = list(manifest.cases().values())
+    done = journal.done()
+    todo = [c for c in cases if c.case_id not in done]
+    log.info("predicting %d patient(s), %d image(s) with %s (%d fold networks)%s", len(cases), _images(cases),
+             bundle.version, len(bundle.nets),
+             f"; {len(cases) - len(todo)} already done by an interrupted run" if done else "")
+    source, dev = image_source(cfg, cache_dir), pick_device(device)
+    with tqdm(total=len(cases), initial=len(cases) - len(todo), desc="predict", unit="patient",
+              disable=not progress) as bar:
+        for start in range(0, len(todo), chunk_size):
+            chunk = todo[start:start + chunk_size]
+            pred = predict_cases(chunk, bundle, source, dev, heatmaps, progress=False)
+            journal.add([c.case_id for c in chunk], pred, write_patient_files(pred, bundle, out, save_arrays))
+            bar.update(len(chunk))
+    fields, reports = journal.load((INSTANCE_COLUMNS, PATIENT_COLUMNS))
+    pred = Prediction(**fields)
+    _nothing_predicted(pred, cfg)
+    _write_tables(pred, bundle, out, reports, skipped_at_ingest, command)
+    journal.remove()
+    return pred
+
+
 def write_prediction(pred: Prediction, bundle: Bundle, out_dir: str | os.PathLike, save_arrays: bool = False,
                      skipped_at_ingest: list[tuple[str, str]] | None = None, command: str = "") -> Path:
-    """Write every output (see the module docstring). `skipped_at_ingest`: (file, reason) of the
-    input files ingest could not use, so that a patient whose every file was bad is reported.
-    `command`: the command line, recorded in predictions.json with version, commit and time."""
+    """Write every output of an in-memory Prediction (see the module docstring). `skipped_at_ingest`:
+    (file, reason) of the input files ingest could not use, so that a patient whose every file
+    was bad is reported. `command`: the command line, recorded in predictions.json with
+    version, commit and time."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / "predictions.csv") as tmp:
-        pred.patients.to_csv(tmp, index=False, float_format="%.6f")
-    with atomic_path(out / "instances.csv") as tmp:
-        pred.instances.to_csv(tmp, index=False, float_format="%.6f")
-    model_info = {"model": bundle.config.name, "version": bundle.version, "bundle": bundle.root.name,
-                  "operating points": _describe_points(bundle)}
+    _write_tables(pred, bundle, out, write_patient_files(pred, bundle, out, save_arrays), skipped_at_ingest, command)
+    return out
+
+
+def _model_info(bundle: Bundle) -> dict[str, str]:
+    return {"model": bundle.config.name, "version": bundle.version, "bundle": bundle.root.name,
+            "operating points": _describe_points(bundle)}
+
+
+def write_patient_files(pred: Prediction, bundle: Bundle, out: Path, save_arrays: bool = False) -> dict[str, str]:
+    """Each patient's heatmaps and HTML report; returns case id -> report path (relative to `out`)."""
+    model_info = _model_info(bundle)
     reports = {}
     for res in pred.results:
         name = safe_name(res.case_id, "case")
@@ -287,6 +423,17 @@ def write_prediction(pred: Prediction, bundle: Bundle, out_dir: str | os.PathLik
                         np.save(fh, panel.heatmap)
         path = write_patient_report(res, model_info, out / "reports" / f"{name}.html")
         reports[res.case_id] = path.relative_to(out).as_posix()
+    return reports
+
+
+def _write_tables(pred: Prediction, bundle: Bundle, out: Path, reports: dict[str, str],
+                  skipped_at_ingest: list[tuple[str, str]] | None, command: str) -> None:
+    """predictions.csv, instances.csv, the worklist and predictions.json of the whole batch."""
+    with atomic_path(out / "predictions.csv") as tmp:
+        pred.patients.to_csv(tmp, index=False, float_format="%.6f")
+    with atomic_path(out / "instances.csv") as tmp:
+        pred.instances.to_csv(tmp, index=False, float_format="%.6f")
+    model_info = _model_info(bundle)
     write_worklist(pred.results, model_info, out, reports)
     summary = {
         "provenance": stamp(command),
@@ -295,11 +442,12 @@ def write_prediction(pred: Prediction, bundle: Bundle, out_dir: str | os.PathLik
         "patients": json.loads(pred.patients.to_json(orient="records")),
         "instances": json.loads(pred.instances.to_json(orient="records")),
         "not_predicted": dict(pred.skipped),
+        "failed_patients": pred.failed,
         "refused_images": {Path(k).name: v for k, v in pred.refused.items()},
+        "preprocessing_notes": pred.note_counts(),
         "skipped_at_ingest": [{"file": f, "reason": r} for f, r in (skipped_at_ingest or [])],
     }
     write_text(out / "predictions.json", json.dumps(summary, indent=1))
-    return out
 
 
 def _describe_points(bundle: Bundle) -> str:

@@ -115,6 +115,11 @@ class CropInfo:
         merged = tuple(dict.fromkeys((*self.flags, *flags)))
         return replace(self, flags=merged, **changes)
 
+    def notes(self) -> tuple[str, ...]:
+        """What a person should know about this image's preprocessing, one `NOTES` key each
+        ("fallback", "colour_greyed", ...): flags that say the result is not the usual one."""
+        return tuple(f for f in self.flags if f in NOTES)
+
     def describe(self) -> str:
         """A short line for titles and logs."""
         top, left, bottom, right = self.bbox
@@ -126,6 +131,17 @@ class CropInfo:
         if self.colour_fraction is not None and any(f.startswith("colour") for f in self.flags):
             parts.append(f"colour {self.colour_fraction:.2%}")
         return " ".join(parts)
+
+
+# Preprocessing outcomes that are reported (instances.csv, HTML reports, run reports), with the
+# words they are reported in. "fallback" is the documented fallback of both crops.
+NOTES: dict[str, str] = {
+    "fallback": "whole image kept (no breast or scan area found)",
+    "colour_greyed": "colour image converted to grey",
+    "laterality_mismatch": "chest wall found on the side the laterality does not say",
+    "orientation_unknown": "chest wall not found (orientation as the laterality says)",
+    "overlays_removed": "marks drawn on the image removed",
+}
 
 
 @dataclass(frozen=True)

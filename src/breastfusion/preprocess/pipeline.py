@@ -19,7 +19,11 @@ the folder is named by a hash of `Preprocessor.key()` (every parameter and a
 format number), the file by the SHA-256 of the source file's bytes (a moved
 or renamed file is not reprocessed, a changed one is) plus the modality and,
 for MG, the side it was processed as (they change the result: crop kind,
-flip; "x" for an unknown side). Writes
+flip; "x" for an unknown side). Beside each image, ``<same name>.notes.json``
+keeps what preprocessing flagged for it (`CropInfo.notes`: the whole image kept
+because no breast or scan area was found, a colour image greyed, ...), written
+before the image, so that a cached result never loses its notes; `notes()` reads
+them (an entry from before notes were kept is processed again once). Writes
 are atomic (temporary file + os.replace). Content hashes are memoised per
 (path, mtime, size) within the process.
 """
@@ -118,7 +122,9 @@ class Preprocessor:
         return self._mammogram(path, side)
 
     def _mammogram(self, path, side) -> tuple[np.ndarray, CropInfo]:
-        img = read_grey(str(path))
+        img = pixels.read_image(str(path))
+        colour = img.ndim == 3  # a colour mammogram (rare: a screenshot, an annotated export) is greyed, flagged
+        img = pixels.to_grey(img) if colour else img
         shape = (int(img.shape[0]), int(img.shape[1]))
         mask = None
         if self.enabled:
@@ -127,7 +133,7 @@ class Preprocessor:
             info = CropInfo(shape, (0, 0, *shape))
         if self.chest_wall != ChestWall.NONE:
             img, info = orient_info(img, side, self.chest_wall, info, self.mammo, mask)
-        return img, info
+        return img, (info.flagged("colour_greyed") if colour else info)
 
     def _ultrasound(self, path) -> tuple[np.ndarray, CropInfo]:
         rgb = read_rgb(path)
@@ -189,10 +195,28 @@ class PreprocessCache:
         if arr is not None:
             self.reused += 1
             return arr
-        arr = self.preprocessor.process(path, modality, side)
-        self._store(file, arr)
+        arr, info = self.preprocessor.process_info(path, modality, side)
+        self._store(file, arr, info.notes())
         self.computed += 1
         return arr
+
+    def notes(self, path: str | os.PathLike, modality: Modality | str, side: Side | str | None) -> tuple[str, ...]:
+        """What preprocessing flagged for this image (`CropInfo.notes`; empty for most images).
+        InputImageError when the image is refused."""
+        file = self.file_for(path, modality, side)
+        try:
+            notes = json.loads(self._notes_file(file).read_text(encoding="utf-8"))["notes"]
+            if isinstance(notes, list) and all(isinstance(n, str) for n in notes):
+                return tuple(notes)
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # an entry from before notes were kept, or a damaged one: processed again
+        arr, info = self.preprocessor.process_info(path, modality, side)
+        self._store(file, arr, info.notes())
+        return info.notes()
+
+    @staticmethod
+    def _notes_file(file: Path) -> Path:
+        return file.with_name(file.stem + ".notes.json")
 
     def _read(self, file: Path) -> np.ndarray | None:
         """A cached image, or None when it is missing or damaged (then it is recomputed).
@@ -227,10 +251,11 @@ class PreprocessCache:
         if not self.file_for(path, modality, side).is_file():
             self.get(path, modality, side)
 
-    def _store(self, file: Path, arr: np.ndarray) -> None:
+    def _store(self, file: Path, arr: np.ndarray, notes: tuple[str, ...]) -> None:
         if not self._key_written:
             write_text(self.dir / "key.json", json.dumps(self.preprocessor.key(), indent=1))
             self._key_written = True
+        write_text(self._notes_file(file), json.dumps({"notes": list(notes)}))  # first: an image implies its notes
         save_npy(file, arr)
 
 
@@ -273,3 +298,6 @@ class ImageSource:
 
     def file_for(self, path: str | os.PathLike, modality: Modality | str, side: Side | str | None) -> Path:
         return self.cache(modality).file_for(path, modality, side)
+
+    def notes(self, path: str | os.PathLike, modality: Modality | str, side: Side | str | None) -> tuple[str, ...]:
+        return self.cache(modality).notes(path, modality, side)

@@ -16,7 +16,7 @@ import torch
 from ..choices import TrainMode
 from ..config import RunConfig
 from ..errors import BreastFusionError, CohortError
-from ..inference.images import image_source, screen, without_failed
+from ..inference.images import Screening, image_source, noted, screen, without_failed
 from ..inference.instances import Instance, build_instances
 from ..inference.runtime import pick_device
 from ..preprocess.pipeline import ImageSource
@@ -39,6 +39,12 @@ class CVData:
     failed: dict[str, str] = field(default_factory=dict)  # image path -> why preprocessing refused it
     # cached mode: path -> (1 + copies, D) features; partial mode: path -> (1 + copies, C, H, W) activations
     features: dict[str, np.ndarray] | None = None
+    notes: dict[str, tuple[str, ...]] = field(default_factory=dict)  # image path -> preprocessing notes
+
+    def note_counts(self) -> dict[str, int]:
+        """Images of the instances per preprocessing note (whole image kept, colour greyed, ...)."""
+        used = {r.path for i in self.instances for r in (*i.mg, i.us) if r is not None}
+        return Screening(notes={p: n for p, n in self.notes.items() if p in used}).counts()
 
 
 def stored_representations(cfg: RunConfig, source: ImageSource, records: list[ImageRecord],
@@ -75,8 +81,10 @@ def prepare(manifest: Manifest, cfg: RunConfig, progress: bool = True) -> CVData
     features = None
     if cfg.train.mode in (TrainMode.CACHED, TrainMode.PARTIAL):
         features, failed = stored_representations(cfg, source, records, progress)
+        notes = noted([r for r in records if r.path not in failed], source)
     else:
-        failed = screen(records, source, progress)
+        screening = screen(records, source, progress)
+        failed, notes = screening.refused, screening.notes
     instances = without_failed(instances, failed, skipped)
     if not instances:
         raise CohortError(f"config {cfg.name!r}: no case has the images this model needs ({dict(skipped)})")
@@ -87,7 +95,7 @@ def prepare(manifest: Manifest, cfg: RunConfig, progress: bool = True) -> CVData
     splits = make_splits(fold_of, cfg.cv.folds, cfg.cv.test_folds)
     log.info("%s: %d instance(s) of %d case(s); %d image(s) refused by preprocessing; left out: %s", cfg.name,
              len(instances), len(kept), len(failed), dict(skipped) or "none")
-    return CVData(instances, splits, skipped, source, failed, features)
+    return CVData(instances, splits, skipped, source, failed, features, notes)
 
 
 def fold_seed(cfg: RunConfig, fold: int) -> int:
