@@ -203,9 +203,10 @@ def test_cli_export_then_predict_a_dicom_study_folder_without_leaking_phi(traine
 
     _, row_dir, _, _ = trained
     bundle = tmp_path / "bundle"
-    out = CliRunner().invoke(main, ["export", str(row_dir), "-o", str(bundle)])
+    out = CliRunner().invoke(main, ["export", str(row_dir), "-o", str(bundle), "--onnx"])
     assert out.exit_code == 0, out.output
     assert "on the validation folds (12 patients; 95% intervals" in out.output and "patients to review" in out.output
+    assert f"ONNX: 5 graphs in {bundle / 'onnx'}" in out.output
     rng = np.random.default_rng(5)
 
     def grey():
@@ -339,3 +340,176 @@ def test_an_interrupted_batch_resumes_without_redoing_finished_patients(trained,
     calls.clear()
     predict_batch(manifest, bundle, out, cache_dir=cache, heatmaps=False, progress=False, chunk_size=4)
     assert len([c for chunk in calls for c in chunk]) == 7
+
+
+# -- ONNX Runtime and int8 backbones (issue 17) -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def onnx_bundle(trained, tmp_path_factory):
+    """The trained bundle plus its fp32 ONNX graphs and int8 backbones (AUC measurement left out: slow)."""
+    import shutil
+
+    from breastfusion.predict.int8 import export_int8
+    from breastfusion.predict.onnx import export_onnx
+
+    manifest, row_dir, bundle_dir, _ = trained
+    out = tmp_path_factory.mktemp("onnx") / "bundle"
+    shutil.copytree(bundle_dir, out)
+    export_onnx(out)
+    export_int8(out, row_dir, manifest, images=16, measure=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def torch_prediction(trained):
+    """What the PyTorch runtime predicts for the tiny cohort (no heatmaps)."""
+    manifest, _, bundle_dir, _ = trained
+    bundle = load_bundle(bundle_dir)
+    return predict(manifest, bundle, cache_dir=bundle.config.train.cache_dir, heatmaps=False, progress=False)
+
+
+def test_onnx_graphs_predict_what_pytorch_predicts_encoding_mg_once(trained, onnx_bundle, torch_prediction,
+                                                                    monkeypatch):
+    from breastfusion.files import sha256_file
+    from breastfusion.predict import onnx
+
+    manifest = trained[0]
+    bundle = load_bundle(onnx_bundle, networks=False)
+    cfg = bundle.config
+    instances, _ = build_instances(manifest.cases().values(), cfg.model.modality_set, cfg.model.slots)
+    source, cpu = image_source(cfg), pick_device("cpu")
+    assert list(torch_prediction.instances["instance_id"]) == [i.instance_id for i in instances]
+    reference = torch_prediction.instances[PROBA_COLUMNS].to_numpy(float)
+    read = []
+    real = onnx.OnnxFeatureBank._images
+    monkeypatch.setattr(onnx.OnnxFeatureBank, "_images", lambda self, recs, cl: read.append(len(recs)) or
+                        real(self, recs, cl))
+    got = bundle.probabilities(ensemble_logits(bundle, instances, source, cpu, "onnx"))
+    np.testing.assert_allclose(got, reference, atol=1e-4)
+    assert sum(read) == 12 * 4 + 12 * 2  # each image once: the frozen backbones are one graph for every fold
+    meta = json.loads((onnx_bundle / "bundle.json").read_text())["onnx"]
+    assert [set(e) for e in meta["folds"]] == [{"MG", "US", "head"}] * 3
+    assert {e["MG"] for e in meta["folds"]} == {"onnx/mg_backbone.onnx"}
+    assert len({e["head"] for e in meta["folds"]}) == 3
+    # int8 backbones: they run, stay close on these random networks, are smaller and checksummed
+    int8 = bundle.probabilities(ensemble_logits(bundle, instances, source, cpu, "onnx-int8"))
+    assert np.abs(int8 - reference).max() < 0.1
+    sums = bundle.meta.sha256
+    assert len(meta["int8"]["graphs"]) == 2
+    assert meta["int8"]["calibration"]["onnx/mg_backbone.int8.onnx"]["images"] == 16
+    for fp32, name in meta["int8"]["graphs"].items():
+        assert (onnx_bundle / name).stat().st_size < (onnx_bundle / fp32).stat().st_size / 2
+        assert sums[name] == sha256_file(onnx_bundle / name) and sums[fp32] == sha256_file(onnx_bundle / fp32)
+    # a bundle without graphs says so before any patient
+    with pytest.raises(WeightsError, match="no ONNX graphs"):
+        predict(manifest, load_bundle(trained[2], networks=False), runtime="onnx", progress=False)
+
+
+def test_a_modified_or_unlisted_onnx_graph_is_refused(onnx_bundle, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(onnx_bundle, bad)
+    graph = bad / "onnx" / "fold_1.head.onnx"
+    original = graph.read_bytes()
+    bundle = load_bundle(bad, networks=False)
+    graph.write_bytes(original[:-1] + bytes([original[-1] ^ 0xFF]))
+    with pytest.raises(WeightsError, match="fold_1.head.onnx: checksum"):  # modified after loading
+        ensemble_logits(bundle, [], None, pick_device("cpu"), "onnx")
+    with pytest.raises(WeightsError, match="fold_1.head.onnx: checksum"):
+        load_bundle(bad)
+    graph.write_bytes(original)
+    meta_file = bad / "bundle.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["sha256"]["onnx/us_backbone.int8.onnx"]
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(WeightsError, match="checksums do not list exactly"):
+        load_bundle(bad)
+    meta["onnx"]["folds"][0]["head"] = "weights/fold_0.safetensors"
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(WeightsError, match="not an ONNX file of the bundle"):
+        load_bundle(bad)
+
+
+def test_cli_predict_on_onnx_runtime_writes_the_same_predictions_without_heatmaps(trained, onnx_bundle,
+                                                                                 torch_prediction, tmp_path):
+    from click.testing import CliRunner
+
+    from breastfusion.cli import main
+
+    manifest, row_dir, bundle_dir, tmp = trained
+    cache = load_bundle(bundle_dir, networks=False).config.train.cache_dir
+    ref = torch_prediction.patients
+    out = tmp_path / "pred"
+    result = CliRunner().invoke(main, ["predict", str(tmp / "data" / "manifest.csv"), "--model", str(onnx_bundle),
+                                       "-o", str(out), "--cache-dir", cache, "--runtime", "onnx"])
+    assert result.exit_code == 0, result.output
+    assert "heatmaps skipped: Grad-CAM runs on the PyTorch runtime only" in result.output
+    got = pd.read_csv(out / "predictions.csv")
+    assert list(got["case_id"]) == list(ref["case_id"])
+    np.testing.assert_allclose(got[PROBA_COLUMNS].to_numpy(), ref[PROBA_COLUMNS].to_numpy(float), atol=1e-4)
+    assert list(got["decision"]) == list(ref["decision"]) and list(got["triage_mean"]) == list(ref["triage_mean"])
+    assert not (out / "heatmaps").exists()
+    assert "heatmaps skipped" in json.loads((out / "predictions.json").read_text())["model"]["runtime"]
+    assert "heatmaps skipped" in (out / "reports" / "P000_L.html").read_text()
+    # --int8 needs the training manifest
+    result = CliRunner().invoke(main, ["export", str(row_dir), "-o", str(tmp_path / "b"), "--int8"])
+    assert result.exit_code == 2 and "--calibration-manifest" in result.output
+
+
+def test_int8_auc_change_calibrates_each_fold_on_its_own_training_images(trained, onnx_bundle, monkeypatch):
+    """The measurement's plumbing, with quantisation replaced by a copy (the real one is slow):
+    each fold's graphs calibrated on its train split only, its validation patients measured."""
+    import shutil
+
+    from breastfusion.errors import CohortError
+    from breastfusion.inference.layout import recorded_splits
+    from breastfusion.predict import int8
+
+    manifest, row_dir, _, tmp = trained
+    calibrated = {}
+
+    def copy(graph, out, reader):
+        calibrated[out.name] = {r.case_id for r in reader.records}
+        shutil.copyfile(graph, out)
+        return out
+
+    monkeypatch.setattr(int8, "quantise", copy)
+    monkeypatch.setattr(int8.Calibration, "_prepare", lambda self, graph: self.bundle.root / graph)
+    bundle = load_bundle(onnx_bundle, networks=False)
+    change = int8.int8_auc_change(bundle, row_dir, manifest, images=8, folds=[1])
+    split = recorded_splits(row_dir)[1]
+    assert sorted(calibrated) == ["mg_backbone.1.int8.onnx", "us_backbone.1.int8.onnx"]
+    for cases in calibrated.values():
+        assert cases and cases <= split["train"] and not cases & (split["val"] | split["test"])
+    assert change["patients"] == len(split["val"]) == 4 and change["folds"] == [1]
+    assert change["largest_probability_change"] < 1e-6 and change["decision_changed"] == 0
+    assert all(abs(v) < 1e-9 for v in change["auc_change"].values() if not np.isnan(v))
+    other = read_manifest(write_tiny_cohort(tmp / "other", n_cases=12, seed=9))
+    with pytest.raises(CohortError, match="not the one MM was trained on"):
+        int8.int8_auc_change(bundle, row_dir, other)
+
+
+@pytest.mark.parametrize("variant", [dict(head="plain", arcface=False), dict(fusion="cross_attention"),
+                                     dict(modalities=["MG"]), dict(modalities=["US"])],
+                         ids=["plain", "cross-attention", "MG-only", "US-only"])
+def test_head_graphs_of_other_heads_match_pytorch(variant, tmp_path):
+    """The plain head, cross-attention fusion and single-modality heads as ONNX graphs (the
+    bundle above has the paper's concat head)."""
+    from breastfusion.models.network import build_head
+    from breastfusion.predict import onnx
+    from breastfusion.predict.onnx import _export, _Head, _head_example
+
+    cfg = tiny_model_config(**variant)
+    head = _Head(build_head(cfg, 24)).eval()
+    gen = torch.Generator().manual_seed(0)
+    dims = dict.fromkeys(cfg.modality_set, 24)
+    _export(head, _head_example(cfg.modality_set, 4, dims, 2, 3, gen), head.names,
+            {n: {0: "n"} for n in head.names}, tmp_path / "head.onnx")
+    example = _head_example(cfg.modality_set, 4, dims, 3, 7, gen)
+    with torch.no_grad():
+        ref = head(*example).numpy()
+    got = onnx.session((tmp_path / "head.onnx").read_bytes()).run(
+        None, {n: t.numpy() for n, t in zip(head.names, example, strict=True)})[0]
+    np.testing.assert_allclose(got, ref, atol=1e-5)

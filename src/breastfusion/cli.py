@@ -13,12 +13,19 @@ import yaml
 from . import logs
 from .allocator import reuse_freed_memory
 from .errors import BreastFusionError, PartialFailure
-from .files import write_text
+from .files import STORAGE_ERRNOS, storage_error, write_text
+
+SECRET_OPTIONS = ("--pseudonymise-salt",)  # whoever holds the salt can re-identify the pseudonyms
 
 
 def _command_line() -> str:
-    """The command as typed (recorded with every result)."""
-    args = click.get_current_context().meta.get("breastfusion.argv", sys.argv[1:])
+    """The command as typed (recorded with every result), the values of SECRET_OPTIONS masked."""
+    args = list(click.get_current_context().meta.get("breastfusion.argv", sys.argv[1:]))
+    for i, arg in enumerate(args):
+        if arg in SECRET_OPTIONS and i + 1 < len(args):
+            args[i + 1] = "***"
+        elif arg.split("=", 1)[0] in SECRET_OPTIONS and "=" in arg:
+            args[i] = arg.split("=", 1)[0] + "=***"
     return "breastfusion " + " ".join(shlex.quote(a) for a in args)
 
 
@@ -62,6 +69,12 @@ class _Group(click.Group):
                 raise
             click.echo(f"error: {exc}", err=True)
             sys.exit(int(exc.exit_code))
+        except OSError as exc:  # no room to write outside files.atomic_path (a folder, the log file)
+            if ctx.params.get("debug") or exc.errno not in STORAGE_ERRNOS:
+                raise
+            error = storage_error(exc.filename, exc)
+            click.echo(f"error: {error}", err=True)
+            sys.exit(int(error.exit_code))
 
 
 @click.group(cls=_Group)
@@ -71,8 +84,9 @@ def main(debug: bool) -> None:
     """Patient-level breast cancer triage from mammography and ultrasound.
 
     Exit codes: 0 done; 1 unexpected error (a bug: please report it with --debug); 2 usage
-    error; 3 an input cannot be used (manifest, config, image, weights); 4 outputs written but
-    part of the work not done (rows not run, patients not predicted)."""
+    error; 3 an input cannot be used (manifest, config, image, weights), the run folder is in use,
+    or no room to write; 4 outputs written but part of the work not done (rows not run, patients
+    not predicted)."""
     reuse_freed_memory()  # CPU training and inference run up to 2x faster (see allocator.py)
 
 
@@ -326,11 +340,24 @@ def _apply(row, settings: tuple[str, ...], device: str | None, cache_dir: str | 
               help="Target malignant sensitivity of the recall threshold (chosen on the test splits).")
 @click.option("--normal-specificity", default=0.95, show_default=True,
               help="Target specificity of the routine (normal) call against abnormal patients.")
-def export(row_dir: str, out_dir: str, malignant_sensitivity: float, normal_specificity: float) -> None:
+@click.option("--onnx", is_flag=True, help="Also the networks as ONNX graphs (for predict --runtime onnx).")
+@click.option("--int8", is_flag=True,
+              help="Also int8 backbone graphs (static quantisation; predict --runtime onnx-int8), calibrated on "
+                   "training images of the folds; implies --onnx, needs --calibration-manifest.")
+@click.option("--calibration-manifest", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="The manifest the row was trained on (its training images calibrate the int8 graphs).")
+@click.option("--calibration-images", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Calibration images per int8 backbone graph.")
+def export(row_dir: str, out_dir: str, malignant_sensitivity: float, normal_specificity: float, onnx: bool,
+           int8: bool, calibration_manifest: str | None, calibration_images: int) -> None:
     """Make a model bundle from one cross-validated row (RUN/rows/NAME) of an experiment."""
     from .predict.bundle import export_bundle, load_bundle
 
+    if int8 and calibration_manifest is None:
+        raise click.UsageError("--int8 needs --calibration-manifest (the manifest the row was trained on)")
     path = export_bundle(row_dir, out_dir, malignant_sensitivity, normal_specificity, command=_command_line())
+    if onnx or int8:
+        _export_onnx(path, row_dir, calibration_manifest if int8 else None, calibration_images)
     bundle = load_bundle(path)  # what predict will load: checked now
     pts = bundle.points
     click.echo(f"bundle {path}: {bundle.config.name}, {len(bundle.nets)} fold networks, temperatures "
@@ -347,6 +374,31 @@ def export(row_dir: str, out_dir: str, malignant_sensitivity: float, normal_spec
                            ("review_share", "patients to review")):
             f = figures[key]
             click.echo(f"  {label}: {100 * f['value']:.1f}% [{100 * f['low']:.1f}, {100 * f['high']:.1f}]")
+
+
+def _export_onnx(path: Path, row_dir: str, calibration_manifest: str | None, images: int) -> None:
+    """export --onnx [--int8]: the graphs, and what int8 changes on the validation folds."""
+    from .predict.int8 import export_int8
+    from .predict.onnx import export_onnx
+    from .records import read_manifest
+
+    section = export_onnx(path)
+    click.echo(f"ONNX: {len({n for e in section['folds'] for n in e.values()})} graphs in {path / 'onnx'} "
+               f"(largest difference from PyTorch on random inputs: "
+               f"{section['checked_against_pytorch']['largest_difference']:.1e})")
+    if calibration_manifest is None:
+        return
+    int8 = export_int8(path, row_dir, read_manifest(calibration_manifest), images)
+    for fp32, name in int8["graphs"].items():
+        click.echo(f"int8: {name} ({(path / fp32).stat().st_size / 1e6:.1f} MB -> "
+                   f"{(path / name).stat().st_size / 1e6:.1f} MB, {int8['calibration'][name]['images']} "
+                   "training images)")
+    change = int8["auc_change"]
+    click.echo(f"int8 against fp32 on the validation folds ({change['patients']} patients): macro AUC "
+               f"{change['auc_fp32']['macro']:.4f} -> {change['auc_int8']['macro']:.4f}, malignant AUC "
+               f"{change['auc_fp32']['malignant']:.4f} -> {change['auc_int8']['malignant']:.4f}; largest probability "
+               f"change {change['largest_probability_change']:.4f}; triage class changed for "
+               f"{change['triage_changed']}, decision for {change['decision_changed']} patient(s)")
 
 
 def _input_manifest(input_path: str, work: Path, salt: str | None, progress: bool):
@@ -375,35 +427,85 @@ def _input_manifest(input_path: str, work: Path, salt: str | None, progress: boo
 @click.option("--cache-dir", default=".cache/breastfusion", show_default=True, type=click.Path(file_okay=False),
               help="Preprocessing cache of the input images.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto (the GPU if any).")
+@click.option("--runtime", type=click.Choice(["torch", "onnx", "onnx-int8"]), default="torch", show_default=True,
+              help="PyTorch, or the bundle's ONNX graphs on ONNX Runtime (CPU; export --onnx / --int8): "
+                   "same pipeline and outputs, no heatmaps.")
 def predict(input_path: str, bundle_dir: str, out_dir: str, no_heatmaps: bool, save_arrays: bool,
-            pseudonymise_salt: str | None, cache_dir: str, device: str) -> None:
+            pseudonymise_salt: str | None, cache_dir: str, device: str, runtime: str) -> None:
     """Probabilities, triage class, decision, heatmaps and reports for new patients.
 
     INPUT_PATH is a DICOM study folder, a folder of patient images (see `ingest`) or a manifest CSV."""
     from .predict.bundle import load_bundle
-    from .predict.run import predict as run_predict
-    from .predict.run import write_prediction
+    from .predict.run import predict_batch
 
-    bundle = load_bundle(bundle_dir)
+    bundle = load_bundle(bundle_dir, networks=runtime == "torch")
     out = Path(out_dir)
     with logs.log_to(out):
         manifest, skipped = _input_manifest(input_path, out, pseudonymise_salt, progress=not _quiet())
-        pred = run_predict(manifest, bundle, cache_dir=cache_dir, heatmaps=not no_heatmaps, device=device,
-                           progress=not _quiet())
-        write_prediction(pred, bundle, out, save_arrays=save_arrays, skipped_at_ingest=skipped,
-                         command=_command_line())
+        pred = predict_batch(manifest, bundle, out, cache_dir=cache_dir, heatmaps=not no_heatmaps, device=device,
+                             progress=not _quiet(), save_arrays=save_arrays, skipped_at_ingest=skipped,
+                             command=_command_line(), runtime=runtime)
     counts = pred.patients["decision"].value_counts().to_dict()
     click.echo(f"{len(pred.patients)} patients: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
     if pred.skipped:
         click.echo("not predicted: " + ", ".join(f"{v} {k}" for k, v in pred.skipped.items()))
+    if pred.failed:
+        click.echo(f"failed: {len(pred.failed)} patient(s) (reasons in predictions.json)")
+    notes = pred.note_counts()
+    if notes:
+        click.echo("preprocessing: " + "; ".join(f"{n} image(s): {reason}" for reason, n in notes.items()))
+    if runtime != "torch" and not no_heatmaps:
+        click.echo(f"heatmaps skipped: Grad-CAM runs on the PyTorch runtime only (--runtime {runtime})")
     click.echo(f"worklist: {out / 'worklist.html'}  reports: {out / 'reports'}")
     unused = [f"{n} {k}" for k, n in pred.skipped.items()]
+    if pred.failed:
+        unused.append(f"{len(pred.failed)} patient(s) failed")
     if pred.refused:
         unused.append(f"{len(pred.refused)} image(s) refused by preprocessing")
     if skipped:
         unused.append(f"{len(skipped)} file(s) skipped at ingest")
     if unused:
         raise PartialFailure("not every input was used: " + "; ".join(unused) + " (see predictions.json)")
+
+
+@main.command("serve")
+@click.option("--model", "bundle_dir", required=True, type=click.Path(file_okay=False, exists=True),
+              help="A bundle made by `breastfusion export` (loaded once, at start).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; the default answers this machine only (put a proxy with TLS and "
+                   "authentication in front before opening it to a network).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="TCP port.")
+@click.option("--max-upload-mb", default=512.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Largest request body; a bigger one gets 413 before it is read whole.")
+@click.option("--max-unpacked-mb", default=2048.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Largest total size of a study's files once unpacked (zip bomb guard).")
+@click.option("--max-files", default=2000, show_default=True, type=click.IntRange(min=1),
+              help="Most files in one study (zip members and uploaded files together).")
+@click.option("--max-queue", default=4, show_default=True, type=click.IntRange(min=0),
+              help="Studies that may wait behind the one being predicted; more get 503 busy.")
+@click.option("--upload-timeout", default=300.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds an upload may take; a slower one gets 408.")
+@click.option("--tmp-dir", default=None, type=click.Path(file_okay=False),
+              help="Where each request's temporary folder goes (default: the system's temporary folder).")
+@click.option("--no-heatmaps", is_flag=True, help="Skip Grad-CAM (faster answers; reports without overlays).")
+@click.option("--pseudonymise-salt", default=None, help="Replace patient ids by salted hashes in every answer.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto (the GPU if any).")
+def serve_cmd(bundle_dir: str, host: str, port: int, max_upload_mb: float, max_unpacked_mb: float, max_files: int,
+              max_queue: int, upload_timeout: float, tmp_dir: str | None, no_heatmaps: bool,
+              pseudonymise_salt: str | None, device: str) -> None:
+    """Serve `predict` over HTTP: POST a study (a zip, or DICOM/image files) to /predict and get
+    predictions.json with the patients' HTML reports; GET /health. See serve.py for the details."""
+    import uvicorn
+
+    from .serve import Limits, create_app
+
+    limits = Limits(max_upload_mb=max_upload_mb, max_unpacked_mb=max_unpacked_mb, max_files=max_files,
+                    max_queue=max_queue, upload_timeout_s=upload_timeout)
+    app = create_app(bundle_dir, limits=limits, tmp_root=tmp_dir, heatmaps=not no_heatmaps, device=device,
+                     pseudonymise_salt=pseudonymise_salt, command=_command_line())
+    bundle = app.state.service.bundle
+    click.echo(f"serving {bundle.version} on http://{host}:{port} (POST /predict, GET /health); Ctrl+C stops")
+    uvicorn.run(app, host=host, port=port, workers=1, log_level="warning" if _quiet() else "info")
 
 
 @main.command()

@@ -8,7 +8,8 @@ class ExitCode(IntEnum):
     OK = 0
     FAILURE = 1  # an unexpected error (a bug): Python's traceback
     USAGE = 2  # the command line itself is wrong (click: unknown option, missing argument, bad KEY=VALUE)
-    INPUT = 3  # an input cannot be used: manifest, config, image, weights, cohort
+    INPUT = 3  # an input cannot be used: manifest, config, image, weights, cohort; the run folder is in use;
+    # no room to write (StorageError)
     PARTIAL = 4  # the command finished and wrote its outputs, but some of the work could not be done
 
 
@@ -44,3 +45,21 @@ class PartialFailure(BreastFusionError):
     predicted); the message says what."""
 
     exit_code = ExitCode.PARTIAL
+
+
+class StorageError(BreastFusionError):
+    """A file could not be written because the storage is full (ENOSPC), the file would exceed
+    the size a process may write (EFBIG, e.g. `ulimit -f`) or a disk quota is used up (EDQUOT).
+    The message names the file and the reason; the file was not written (writes are atomic), so
+    rerunning the command once there is space again continues from the completed work."""
+
+    def __init__(self, message: str, path: str = "", reason: str = ""):
+        super().__init__(message)
+        self.path, self.reason = path, reason
+
+    def __reduce__(self):  # crosses process boundaries (fold worker processes) whole
+        return type(self), (str(self), self.path, self.reason)
+
+
+class RunLockedError(BreastFusionError):
+    """A run folder that another live process is writing into (its lock file names it)."""

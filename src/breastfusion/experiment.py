@@ -42,6 +42,7 @@ from .evaluation.report import describe_row, evaluate_predictions, report_markdo
 from .evaluation.subgroups import subgroup_performance
 from .files import atomic_path, remove_stale_temporaries, safe_name, write_text
 from .inference import layout
+from .locks import RunLock
 from .logs import log_to
 from .provenance import git_commit, machine, now, versions
 from .records import SUBGROUP_COLUMNS, Manifest, case_attributes
@@ -107,11 +108,24 @@ def run_experiment(manifest: Manifest, rows: Sequence[RunConfig], out_dir: str |
     `bootstrap`: how the pooled figures' intervals are resampled (default 2,000, seed 0).
 
     Under torchrun (WORLD_SIZE > 1) every rank runs this; the folds are trained by all ranks
-    together (DistributedDataParallel) and only the main rank writes files and reports."""
+    together (DistributedDataParallel) and only the main rank writes files and reports.
+
+    The main rank holds the run folder's lock (locks.RunLock) throughout: a second experiment
+    into a folder that a live process is writing to raises RunLockedError before it writes
+    anything there."""
     with Distributed.from_env() as dist:
         if not dist.is_main:
+            if not dist.broadcast_object(None):  # the main rank could not lock the run folder
+                return {"rows": [], "helper_rank": dist.rank}
             return _run_experiment(manifest, rows, out_dir, title, command, False, jobs, dist, bootstrap)
-        with log_to(out_dir):  # out_dir/breastfusion.log: every INFO line of the run
+        lock = RunLock(out_dir, command)
+        try:
+            lock.acquire()
+        except BaseException:
+            dist.broadcast_object(False)  # the helper ranks stop too
+            raise
+        dist.broadcast_object(True)
+        with lock, log_to(out_dir):  # out_dir/breastfusion.log: every INFO line of the run
             log.info("%s: %d row(s) on %s (%d images, %d cases)", command or "(python API)", len(rows),
                      manifest.source, len(manifest), len(manifest.cases()))
             return _run_experiment(manifest, rows, out_dir, title, command, progress, jobs, dist, bootstrap)
@@ -137,7 +151,7 @@ def _run_experiment(manifest: Manifest, rows: Sequence[RunConfig], out_dir: str 
                 continue  # the main rank reports the row as not run
         return {"rows": [], "helper_rank": dist.rank}  # the main rank's metrics.json has the results
     out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out)  # left by a run killed mid-write; completed files are intact
+    remove_stale_temporaries(out)  # left by a process killed mid-write (live writers' are kept)
     write_text(out / "config.yaml", yaml.safe_dump({"rows": [to_dict(r) for r in rows]}, sort_keys=False))
     write_text(out / "command.txt", command + "\n")
     started = time.time()

@@ -65,13 +65,41 @@ def console(level: int = logging.INFO) -> Iterator[None]:
         logger.setLevel(previous)
 
 
+class _LogFile(logging.FileHandler):
+    """A run folder's log file. When a line cannot be written (a full disk, the file size
+    limit) it says so once on stderr and writes no more lines, instead of a traceback per line
+    that would bury the error the command ends with (`files.StorageError`)."""
+
+    failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        exc = sys.exc_info()[1]
+        if not isinstance(exc, OSError):
+            super().handleError(record)  # a bad log call: the usual report
+            return
+        self.failed = True
+        sys.stderr.write(f"warning: {self.baseFilename}: cannot write the log ({exc.strerror or exc}); "
+                         "log lines go to the console only\n")
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError:  # the unwritten lines still buffered: dropped, as said when they failed
+            if not self.failed:
+                raise
+
+
 @contextlib.contextmanager
 def log_to(folder: str | os.PathLike) -> Iterator[Path]:
     """Within: every INFO (and higher) line of the library is appended to FOLDER/breastfusion.log."""
     path = Path(folder) / LOG_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     logger = logging.getLogger(ROOT)
-    handler = logging.FileHandler(path, encoding="utf-8")
+    handler = _LogFile(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter(FILE_FORMAT))
     handler.setLevel(logging.INFO)
     previous = logger.level

@@ -11,6 +11,7 @@ Training writes this layout; export, explanation and reports read it, all throug
 
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 
@@ -35,3 +36,20 @@ def fold_dirs(row_dir: str | os.PathLike) -> list[Path]:
     folds = Path(row_dir) / "folds"
     done = [d for d in folds.glob("fold_*") if (d / MODEL_FILE).is_file() and (d / PREDICTIONS_FILE).is_file()]
     return sorted(done, key=lambda d: int(d.name.split("_")[1]))
+
+
+def recorded_splits(row_dir: str | os.PathLike) -> dict[int, dict[str, set[str]]]:
+    """fold -> its case ids per split ("train", "test", "val"), as the completed folds' files
+    record them: validation = predictions.csv, test = test_predictions.csv, train = the row's
+    other cases (every case is validated in exactly one fold; with folds missing, train is
+    then a subset of the true one, never larger)."""
+    def cases(file: Path) -> set[str]:
+        with open(file, newline="", encoding="utf-8") as fh:
+            return {row["case_id"] for row in csv.DictReader(fh)}
+
+    parts = {int(d.name.split("_")[1]): {"val": cases(d / PREDICTIONS_FILE), "test": cases(d / TEST_PREDICTIONS_FILE)}
+             for d in fold_dirs(row_dir)}
+    known = set().union(*(p["val"] | p["test"] for p in parts.values()))
+    for p in parts.values():
+        p["train"] = known - p["val"] - p["test"]
+    return parts

@@ -135,7 +135,6 @@ class DicomInfo:
 
     modality: Modality | None
     patient_id: str
-    study_uid: str
     series_description: str
     side: Side | None
     view: View | None
@@ -166,7 +165,6 @@ def _describe(ds: Dataset) -> DicomInfo:
     info = DicomInfo(
         modality=modality,
         patient_id=_text(ds, "PatientID"),
-        study_uid=_text(ds, "StudyInstanceUID"),
         series_description=_text(ds, "SeriesDescription"),
         side=side,
         view=view,

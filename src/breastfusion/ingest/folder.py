@@ -67,7 +67,9 @@ Privacy
     view, kind, label, group, the file path and the subgroup attributes (age
     as a 10-year bin only, manufacturer and model names), and nothing else
     from a header; summaries, reasons, flags and problem lines hold counts, fixed
-    words, coded values and paths relative to the root. File and folder
+    words, coded values and paths relative to the root. No UID is written: the
+    SOPInstanceUID is read to skip duplicates and kept in memory only; outputs name
+    an image by its path (and a patient by a salted hash with a salt). File and folder
     names are copied as they are (the folder layout puts the patient id in
     paths): an archive whose names carry identities must be renamed first.
 """

@@ -10,6 +10,8 @@ experiment into::
     config.yaml         the row's RunConfig
     weights/shared.safetensors   tensors identical in every fold (frozen backbones)
     weights/fold_K.safetensors   the rest of fold K's network
+    onnx/*.onnx         optional (export --onnx): the networks as ONNX graphs (predict/onnx.py),
+                        int8 backbones (--int8, predict/int8.py); listed in bundle.json's "onnx"
 
 The model is the ensemble of the K fold networks (as nnU-Net ensembles its
 fold models): each fold's logits are divided by that fold's temperature
@@ -23,8 +25,9 @@ specificity of each call and the share of patients sent to each lane
 fold's network, so these figures are, if anything, conservative.
 
 Loading runs no pickle: safetensors only, every file's checksum verified
-against bundle.json, weights loaded strictly into the network the config
-describes. Anything else is refused with a WeightsError naming the file.
+against bundle.json (the checksummed files are exactly the bundle's: config, weights, and
+the ONNX graphs its "onnx" section names), weights loaded strictly into the network the
+config describes. Anything else is refused with a WeightsError naming the file.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +60,7 @@ from ..vocab import CLASS_NAMES
 
 FORMAT = 1
 BUNDLE_FILE = "bundle.json"
+_GRAPH_NAME = re.compile(r"^onnx/[A-Za-z0-9_.-]+\.onnx$")
 
 
 def export_bundle(row_dir: str | os.PathLike, out_dir: str | os.PathLike,
@@ -145,6 +150,9 @@ class BundleMeta:
     # cohort -> what the operating points achieve there, with intervals (operating_point_evidence)
     operating_point_evidence: dict = dataclasses.field(default_factory=dict)
     source_run: str = ""
+    # optional ONNX graphs (predict/onnx.py): per fold, the graph of each backbone and of the head;
+    # "int8": quantised backbone graphs, their calibration and what they change (predict/int8.py)
+    onnx: dict = dataclasses.field(default_factory=dict)
 
     REQUIRED = ("folds", "sha256", "temperatures", "operating_points", "breastfusion_version", "created")
 
@@ -180,6 +188,8 @@ class Bundle:
     config: RunConfig
     meta: BundleMeta
     nets: list[BreastFusionNet]  # one per fold, in eval mode
+    # ONNX Runtime sessions per runtime ("onnx", "onnx-int8"), made on first use (predict/onnx.py)
+    runtimes: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @property
     def temperatures(self) -> list[float]:
@@ -198,7 +208,9 @@ class Bundle:
         return np.mean([softmax(z, t) for z, t in zip(logits_per_fold, self.temperatures, strict=True)], axis=0)
 
 
-def load_bundle(path: str | os.PathLike) -> Bundle:
+def load_bundle(path: str | os.PathLike, networks: bool = True) -> Bundle:
+    """The bundle, every file checked; `networks` False: without its PyTorch networks (`nets`
+    empty), for prediction with its ONNX graphs only."""
     root = Path(path)
     meta_file = root / BUNDLE_FILE
     if not meta_file.is_file():
@@ -210,6 +222,7 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
     meta = BundleMeta.from_json(meta, str(meta_file))
     sums = meta.sha256
     expected = {"config.yaml", "weights/shared.safetensors", *(f"weights/fold_{k}.safetensors" for k in meta.folds)}
+    expected |= graph_files(meta.onnx, str(meta_file))
     if set(sums) != expected:
         raise WeightsError(f"{meta_file}: checksums do not list exactly the bundle's files")
     for name, digest in sums.items():
@@ -219,6 +232,11 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
         if sha256_file(file) != digest:
             raise WeightsError(f"{file}: checksum does not match bundle.json (modified or corrupt); refusing it")
     cfg = load_run_config(root / "config.yaml")
+    keys = {*(m.value for m in cfg.model.modality_set), "head"}
+    if meta.onnx and (len(meta.onnx["folds"]) != len(meta.folds) or any(set(e) != keys for e in meta.onnx["folds"])):
+        raise WeightsError(f"{meta_file}: its ONNX graphs do not describe the bundle's folds")
+    if not networks:
+        return Bundle(root, cfg, meta, [])
     shared = read_state_dict(root / "weights" / "shared.safetensors")
     # A backbone whose every tensor is shared by all folds (frozen in training) is built
     # once and used by every fold's network: its features are then computed once.
@@ -238,3 +256,18 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
         nets.append(net)
     return Bundle(root, cfg, meta, nets)
 
+
+def graph_files(section: dict, where: str = BUNDLE_FILE) -> set[str]:
+    """The files an "onnx" section of bundle.json names (fp32 graphs per fold, int8 graphs);
+    WeightsError where it is malformed or names a file outside the bundle's onnx/ folder."""
+    if not section:
+        return set()
+    try:
+        names = {name for entry in section["folds"] for name in entry.values()}
+        names |= set(section.get("int8", {}).get("graphs", {}).values())
+    except (KeyError, TypeError, AttributeError):
+        raise WeightsError(f"{where}: unreadable ONNX section") from None
+    bad = sorted(str(n) for n in names if not isinstance(n, str) or not _GRAPH_NAME.match(n))
+    if bad:
+        raise WeightsError(f"{where}: {bad[0]!r} is not an ONNX file of the bundle (onnx/NAME.onnx)")
+    return names

@@ -22,6 +22,9 @@ Output folder::
     reports/CASE.html   one self-contained report per patient
     worklist.csv, worklist.html   patients ranked by malignant probability
 
+`runtime` "onnx" / "onnx-int8" (``predict --runtime``): the bundle's ONNX graphs on ONNX Runtime
+compute the logits instead (predict/onnx.py), everything else unchanged; no heatmaps then.
+
 `predict_batch` (the CLI) streams: a chunk of patients at a time, recorded in ``.partial/``
 (journal.py) so that memory stays bounded and an interrupted batch resumes; one patient
 whose prediction fails is reported in ``failed_patients`` and the batch goes on.
@@ -44,7 +47,7 @@ import torch
 from tqdm import tqdm
 
 from ..config import TrainConfig
-from ..errors import CohortError
+from ..errors import CohortError, WeightsError
 from ..evaluation.aggregate import PROBA_COLUMNS, aggregate
 from ..evaluation.decision import decide
 from ..explain.gradcam import explain_instance
@@ -120,16 +123,7 @@ def head_inputs(net, bank: FeatureBank, items: list[Instance], device: torch.dev
     mods = net.head.modalities
     if Modality.MG in mods:
         bb = net.backbone(Modality.MG)
-        dim = bb.out_dim
-        per_case: dict[str, Instance] = {}  # each case's first instance (all carry its MG views)
-        for inst in items:
-            per_case.setdefault(inst.case_id, inst)
-        row_of = {case_id: k for k, case_id in enumerate(per_case)}
-        mask = torch.tensor([inst.mg_mask for inst in per_case.values()], dtype=torch.bool, device=device)
-        feats = torch.stack([
-            torch.stack([bank.get(bb, r.path) if r is not None else torch.zeros(dim) for r in inst.mg])
-            for inst in per_case.values()]).to(device)
-        rows = torch.tensor([row_of[inst.case_id] for inst in items], device=device)
+        feats, mask, rows = mg_views(bank, bb, bb.out_dim, items, device)
         if isinstance(net.head, FusionHead):
             emb, weights = net.head.mg(feats, mask)
             out["mg_branch"] = (emb[rows], weights[rows])
@@ -141,9 +135,30 @@ def head_inputs(net, bank: FeatureBank, items: list[Instance], device: torch.dev
     return out
 
 
+def mg_views(bank: FeatureBank, backbone, dim: int, items: list[Instance], device: torch.device
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each patient's MG view features once, (P, V, dim) with zeros for missing views, their
+    mask (P, V), and each instance's patient row (N,); `backbone`: the bank's key."""
+    per_case: dict[str, Instance] = {}  # each case's first instance (all carry its MG views)
+    for inst in items:
+        per_case.setdefault(inst.case_id, inst)
+    row_of = {case_id: k for k, case_id in enumerate(per_case)}
+    mask = torch.tensor([inst.mg_mask for inst in per_case.values()], dtype=torch.bool, device=device)
+    feats = torch.stack([
+        torch.stack([bank.get(backbone, r.path) if r is not None else torch.zeros(dim) for r in inst.mg])
+        for inst in per_case.values()]).to(device)
+    rows = torch.tensor([row_of[inst.case_id] for inst in items], device=device)
+    return feats, mask, rows
+
+
 def ensemble_logits(bundle: Bundle, items: list[Instance], source: ImageSource,
-                    device: torch.device) -> list[np.ndarray]:
-    """(N, 3) logits per fold network, MG-once through a shared FeatureBank."""
+                    device: torch.device, runtime: str = "torch") -> list[np.ndarray]:
+    """(N, 3) logits per fold network, MG-once through a shared FeatureBank; `runtime` "onnx"
+    or "onnx-int8": the bundle's ONNX graphs on ONNX Runtime (predict/onnx.py) instead."""
+    if runtime != "torch":
+        from .onnx import onnx_nets
+
+        return onnx_nets(bundle, runtime).logits(items, source)
     train = bundle.config.train
     bank = FeatureBank(source, device, train)
     out = []
@@ -204,16 +219,34 @@ PATIENT_COLUMNS = ["case_id", *PROBA_COLUMNS, "n_instances", "triage_vote", "tri
 
 
 def predict(manifest: Manifest, bundle: Bundle, cache_dir: str | os.PathLike = ".cache/breastfusion",
-            heatmaps: bool = True, device: str = "auto", progress: bool = True) -> Prediction:
+            heatmaps: bool = True, device: str = "auto", progress: bool = True, runtime: str = "torch") -> Prediction:
     """Every patient of `manifest`, in memory (heatmaps included): for a few hundred patients;
-    `predict_batch` streams any number to a folder."""
+    `predict_batch` streams any number to a folder. `runtime`: "torch", or "onnx" / "onnx-int8"
+    (the bundle's ONNX graphs on ONNX Runtime; no heatmaps)."""
+    heatmaps = _runtime_ready(bundle, runtime, heatmaps)
     cfg = bundle.config
     cases = list(manifest.cases().values())
     log.info("predicting %d patient(s), %d image(s) with %s (%d fold networks)", len(cases), _images(cases),
-             bundle.version, len(bundle.nets))
-    pred = predict_cases(cases, bundle, image_source(cfg, cache_dir), pick_device(device), heatmaps, progress)
+             bundle.version, len(bundle.meta.folds))
+    pred = predict_cases(cases, bundle, image_source(cfg, cache_dir), pick_device(device), heatmaps, progress,
+                         runtime)
     _nothing_predicted(pred, cfg)
     return pred
+
+
+def _runtime_ready(bundle: Bundle, runtime: str, heatmaps: bool) -> bool:
+    """Load `runtime`'s graphs now (a bundle without them fails here, not once per patient);
+    returns whether heatmaps are made: Grad-CAM runs on the PyTorch runtime only."""
+    if runtime == "torch":
+        if not bundle.nets:
+            raise WeightsError(f"{bundle.root}: loaded without its PyTorch networks (load_bundle(networks=False))")
+        return heatmaps
+    from .onnx import onnx_nets
+
+    onnx_nets(bundle, runtime)
+    if heatmaps:
+        log.warning("heatmaps skipped: Grad-CAM runs on the PyTorch runtime only (predicting with %s)", runtime)
+    return False
 
 
 def _images(cases: list[Case]) -> int:
@@ -231,7 +264,7 @@ def _nothing_predicted(pred: Prediction, cfg) -> None:
 
 
 def predict_cases(cases: list[Case], bundle: Bundle, source: ImageSource, dev: torch.device,
-                  heatmaps: bool = True, progress: bool = True) -> Prediction:
+                  heatmaps: bool = True, progress: bool = True, runtime: str = "torch") -> Prediction:
     """Predict these cases. A patient whose prediction raises is reported in `failed` with the
     reason, and the others are predicted: one bad study never stops a batch."""
     cfg = bundle.config
@@ -247,11 +280,12 @@ def predict_cases(cases: list[Case], bundle: Bundle, source: ImageSource, dev: t
     if not instances:
         return Prediction.empty(**found)
     try:
-        return _predicted(instances, bundle, source, dev, heatmaps, progress, **found)
+        return _predicted(instances, bundle, source, dev, heatmaps, progress, **found, runtime=runtime)
     except Exception as exc:  # noqa: BLE001 - reported per patient below, never silently
         if len(cases) > 1:  # find the patient(s) it came from; the others are predicted
             log.warning("a patient of this batch failed (%s); predicting them one by one", _one_line(exc))
-            return Prediction.merged([predict_cases([c], bundle, source, dev, heatmaps, False) for c in cases])
+            return Prediction.merged([predict_cases([c], bundle, source, dev, heatmaps, False, runtime)
+                                      for c in cases])
         log.warning("%s: not predicted: %s", cases[0].case_id, _one_line(exc))
         log.debug("traceback of the failure", exc_info=True)
         return Prediction.empty(**found, failed={cases[0].case_id: _one_line(exc)})
@@ -263,9 +297,9 @@ def _one_line(exc: BaseException) -> str:
 
 def _predicted(instances: list[Instance], bundle: Bundle, source: ImageSource, dev: torch.device, heatmaps: bool,
                progress: bool, skipped: Counter, refused: dict[str, str],
-               notes: dict[str, tuple[str, ...]]) -> Prediction:
+               notes: dict[str, tuple[str, ...]], runtime: str = "torch") -> Prediction:
     cfg = bundle.config
-    probs = bundle.probabilities(ensemble_logits(bundle, instances, source, dev))
+    probs = bundle.probabilities(ensemble_logits(bundle, instances, source, dev, runtime))
     table = pd.DataFrame({"instance_id": [i.instance_id for i in instances],
                           "case_id": [i.case_id for i in instances],
                           "us_image": [Path(i.us.path).name if i.us is not None else "" for i in instances],
@@ -356,57 +390,67 @@ def predict_batch(manifest: Manifest, bundle: Bundle, out_dir: str | os.PathLike
                   cache_dir: str | os.PathLike = ".cache/breastfusion", heatmaps: bool = True, device: str = "auto",
                   progress: bool = True, save_arrays: bool = False,
                   skipped_at_ingest: list[tuple[str, str]] | None = None, command: str = "",
-                  chunk_size: int = CHUNK_PATIENTS) -> Prediction:
+                  chunk_size: int = CHUNK_PATIENTS, runtime: str = "torch") -> Prediction:
     """`predict` + `write_prediction` for any number of patients, in bounded memory: patients go
     through `chunk_size` at a time, each chunk's heatmaps and reports are written and its rows
     recorded (journal.py) before the next one starts, so memory does not grow with the batch
     and an interrupted batch, run again, resumes after its last finished chunk. Returns the
-    batch's Prediction without heatmap panels."""
+    batch's Prediction without heatmap panels. `runtime`: see `predict`."""
     cfg, out = bundle.config, Path(out_dir)
+    heatmaps = _runtime_ready(bundle, runtime, heatmaps)
     out.mkdir(parents=True, exist_ok=True)
-    journal = Journal(out, {"bundle": bundle.meta.sha256, "heatmaps": heatmaps, "save_arrays": save_arrays})
+    journal = Journal(out, {"bundle": bundle.meta.sha256, "heatmaps": heatmaps, "save_arrays": save_arrays,
+                            **({"runtime": runtime} if runtime != "torch" else {})})
     cases = list(manifest.cases().values())
     done = journal.done()
     todo = [c for c in cases if c.case_id not in done]
     log.info("predicting %d patient(s), %d image(s) with %s (%d fold networks)%s", len(cases), _images(cases),
-             bundle.version, len(bundle.nets),
+             bundle.version, len(bundle.meta.folds),
              f"; {len(cases) - len(todo)} already done by an interrupted run" if done else "")
     source, dev = image_source(cfg, cache_dir), pick_device(device)
     with tqdm(total=len(cases), initial=len(cases) - len(todo), desc="predict", unit="patient",
               disable=not progress) as bar:
         for start in range(0, len(todo), chunk_size):
             chunk = todo[start:start + chunk_size]
-            pred = predict_cases(chunk, bundle, source, dev, heatmaps, progress=False)
-            journal.add([c.case_id for c in chunk], pred, write_patient_files(pred, bundle, out, save_arrays))
+            pred = predict_cases(chunk, bundle, source, dev, heatmaps, progress=False, runtime=runtime)
+            journal.add([c.case_id for c in chunk], pred, write_patient_files(pred, bundle, out, save_arrays, runtime))
             bar.update(len(chunk))
     fields, reports = journal.load((INSTANCE_COLUMNS, PATIENT_COLUMNS))
     pred = Prediction(**fields)
     _nothing_predicted(pred, cfg)
-    _write_tables(pred, bundle, out, reports, skipped_at_ingest, command)
+    _write_tables(pred, bundle, out, reports, skipped_at_ingest, command, runtime)
     journal.remove()
     return pred
 
 
 def write_prediction(pred: Prediction, bundle: Bundle, out_dir: str | os.PathLike, save_arrays: bool = False,
-                     skipped_at_ingest: list[tuple[str, str]] | None = None, command: str = "") -> Path:
+                     skipped_at_ingest: list[tuple[str, str]] | None = None, command: str = "",
+                     runtime: str = "torch") -> Path:
     """Write every output of an in-memory Prediction (see the module docstring). `skipped_at_ingest`:
     (file, reason) of the input files ingest could not use, so that a patient whose every file
     was bad is reported. `command`: the command line, recorded in predictions.json with
     version, commit and time."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _write_tables(pred, bundle, out, write_patient_files(pred, bundle, out, save_arrays), skipped_at_ingest, command)
+    _write_tables(pred, bundle, out, write_patient_files(pred, bundle, out, save_arrays, runtime), skipped_at_ingest,
+                  command, runtime)
     return out
 
 
-def _model_info(bundle: Bundle) -> dict[str, str]:
-    return {"model": bundle.config.name, "version": bundle.version, "bundle": bundle.root.name,
+def _model_info(bundle: Bundle, runtime: str = "torch") -> dict[str, str]:
+    info = {"model": bundle.config.name, "version": bundle.version, "bundle": bundle.root.name,
             "operating points": _describe_points(bundle)}
+    if runtime != "torch":
+        from .onnx import describe_runtime
+
+        info["runtime"] = describe_runtime(bundle, runtime)
+    return info
 
 
-def write_patient_files(pred: Prediction, bundle: Bundle, out: Path, save_arrays: bool = False) -> dict[str, str]:
+def write_patient_files(pred: Prediction, bundle: Bundle, out: Path, save_arrays: bool = False,
+                        runtime: str = "torch") -> dict[str, str]:
     """Each patient's heatmaps and HTML report; returns case id -> report path (relative to `out`)."""
-    model_info = _model_info(bundle)
+    model_info = _model_info(bundle, runtime)
     reports = {}
     for res in pred.results:
         name = safe_name(res.case_id, "case")
@@ -427,13 +471,13 @@ def write_patient_files(pred: Prediction, bundle: Bundle, out: Path, save_arrays
 
 
 def _write_tables(pred: Prediction, bundle: Bundle, out: Path, reports: dict[str, str],
-                  skipped_at_ingest: list[tuple[str, str]] | None, command: str) -> None:
+                  skipped_at_ingest: list[tuple[str, str]] | None, command: str, runtime: str = "torch") -> None:
     """predictions.csv, instances.csv, the worklist and predictions.json of the whole batch."""
     with atomic_path(out / "predictions.csv") as tmp:
         pred.patients.to_csv(tmp, index=False, float_format="%.6f")
     with atomic_path(out / "instances.csv") as tmp:
         pred.instances.to_csv(tmp, index=False, float_format="%.6f")
-    model_info = _model_info(bundle)
+    model_info = _model_info(bundle, runtime)
     write_worklist(pred.results, model_info, out, reports)
     summary = {
         "provenance": stamp(command),

@@ -41,7 +41,7 @@ from tqdm import tqdm
 from ..choices import ActivationDtype, Pooling, Weights
 from ..config import BackboneConfig
 from ..errors import InputImageError, WeightsError
-from ..files import save_npy, sha256_file
+from ..files import save_npy, sha256_file, write_text
 from ..inference.encode import stored_features
 from ..inference.runtime import memory_format, tensor_to
 from ..models.backbones import Backbone, build_backbone, imagenet_weights_path
@@ -99,8 +99,7 @@ class FeatureStore:
                  device: torch.device | str = "cpu", progress: bool = True) -> dict[str, np.ndarray]:
         """path -> (1 + copies, D) float32 array (partial mode: (1 + copies, C, H, W) activations,
         memory-mapped) for every record preprocessing accepts."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "key.json").write_text(json.dumps(self.key, indent=1))
+        write_text(self.dir / "key.json", json.dumps(self.key, indent=1))  # atomic: caches are shared
         unique = []
         for rec in {r.path: r for r in records}.values():
             try:
