@@ -122,13 +122,19 @@ def _subgroup_value(column: str, value: object) -> str:
         return ""
     if text in AGE_BINS:
         return text
+    return years_to_bin(text, "age_bin is not a 10-year bin (0-9, 10-19, ..., 80-89, 90+) nor an age in years")
+
+
+def years_to_bin(text: str, problem: str = "age is not a number of years") -> str:
+    """An age in years (text) -> its 10-year bin; ValueError(`problem`), never quoting the age, when
+    it is not one."""
     try:
         years = float(text)
     except ValueError:
         years = -1.0
     binned = age_bin(years)
     if not binned:
-        raise ValueError("age_bin is not a 10-year bin (0-9, 10-19, ..., 80-89, 90+) nor an age in years")
+        raise ValueError(problem)
     return binned
 
 

@@ -90,7 +90,7 @@ from pathlib import Path
 
 from ..errors import BreastFusionError, InputImageError, ManifestError
 from ..files import atomic_path
-from ..records import ImageRecord, age_bin, validate, write_manifest
+from ..records import ImageRecord, validate, write_manifest, years_to_bin
 from ..vocab import Kind, Label, Modality, Side, View
 from .dicom import describe, header_value
 from .pixels import dataset_image, input_errors, load_dicom, quiet_pydicom, read_image, sniff
@@ -285,25 +285,13 @@ def _record_from_meta(path: Path, meta: dict[str, str]) -> ImageRecord:
         raise ValueError("US images have no view or kind")
     attributes = {key: meta.get(key, "") for key in SIDECAR_ATTRIBUTES}
     if not attributes["age_bin"] and meta.get("age"):
-        attributes["age_bin"] = _years_to_bin(meta["age"])
+        attributes["age_bin"] = years_to_bin(meta["age"])
     return ImageRecord(
         patient_id=meta["patient_id"], side=side, modality=modality,
         path=str(path), view=view, kind=kind,
         label=Label.parse(meta["label"]) if meta.get("label") else None, group=meta.get("group", ""),
         **attributes,  # cleaned (and the age bin checked) by ImageRecord
     )
-
-
-def _years_to_bin(text: str) -> str:
-    """An age in years -> its 10-year bin; ValueError (never quoting the age) when it is not one."""
-    try:
-        years = float(text)
-    except ValueError:
-        years = -1.0
-    binned = age_bin(years)
-    if not binned:
-        raise ValueError("age is not a number of years")
-    return binned
 
 
 def _density(text: str) -> str:
@@ -387,7 +375,7 @@ def _label_row(lineno: int, row: dict[str, str]) -> LabelRow:
         raise ValueError("empty patient_id")
     side = Side.parse(row["side"]) if row.get("side") else None
     label = Label.parse(row.get("label", ""))
-    age = _years_to_bin(row["age"]) if row.get("age") else ""
+    age = years_to_bin(row["age"]) if row.get("age") else ""
     return LabelRow(lineno, patient, side, label, _density(row.get("density", "")), age)
 
 
