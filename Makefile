@@ -1,4 +1,6 @@
 # `make demo` and `make test` each create .venv, install the pinned dependencies and run.
+# The suite runs one pytest worker per core (pytest-xdist, a test file per worker), each
+# worker's torch on one thread, so the cores are used without oversubscribing them.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
@@ -16,7 +18,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests bench
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n auto --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
