@@ -342,6 +342,21 @@ def test_an_interrupted_batch_resumes_without_redoing_finished_patients(trained,
     assert len([c for chunk in calls for c in chunk]) == 7
 
 
+def test_a_batch_into_an_output_folder_another_process_writes_is_refused_before_writing(trained, tmp_path):
+    from breastfusion.errors import RunLockedError
+    from breastfusion.locks import RunLock
+
+    manifest, _, bundle_dir, _ = trained
+    bundle, out = load_bundle(bundle_dir), tmp_path / "out"
+    with RunLock(out, "breastfusion predict first/"):
+        with pytest.raises(RunLockedError, match=r"in use by pid \d+ \(command breastfusion predict first/"):
+            predict_batch(manifest, bundle, out, heatmaps=False, progress=False)
+        assert sorted(p.name for p in out.iterdir()) == [".breastfusion.lock"]
+    pred = predict_batch(manifest, bundle, out, cache_dir=bundle.config.train.cache_dir, heatmaps=False,
+                         progress=False)  # released: the next batch writes
+    assert len(pred.patients) == 12 and not (out / ".breastfusion.lock").exists()
+
+
 # -- ONNX Runtime and int8 backbones (issue 17) -------------------------------------------------
 
 

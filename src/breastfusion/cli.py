@@ -14,6 +14,7 @@ from . import logs
 from .allocator import reuse_freed_memory
 from .errors import BreastFusionError, PartialFailure
 from .files import STORAGE_ERRNOS, storage_error, write_text
+from .locks import RunLock
 
 SECRET_OPTIONS = ("--pseudonymise-salt",)  # whoever holds the salt can re-identify the pseudonyms
 
@@ -440,11 +441,11 @@ def predict(input_path: str, bundle_dir: str, out_dir: str, no_heatmaps: bool, s
 
     bundle = load_bundle(bundle_dir, networks=runtime == "torch")
     out = Path(out_dir)
-    with logs.log_to(out):
+    with RunLock(out, _command_line()), logs.log_to(out):  # one writer per output folder
         manifest, skipped = _input_manifest(input_path, out, pseudonymise_salt, progress=not _quiet())
         pred = predict_batch(manifest, bundle, out, cache_dir=cache_dir, heatmaps=not no_heatmaps, device=device,
                              progress=not _quiet(), save_arrays=save_arrays, skipped_at_ingest=skipped,
-                             command=_command_line(), runtime=runtime)
+                             command=_command_line(), runtime=runtime, locked=True)
     counts = pred.patients["decision"].value_counts().to_dict()
     click.echo(f"{len(pred.patients)} patients: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
     if pred.skipped:

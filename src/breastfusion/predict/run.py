@@ -57,6 +57,7 @@ from ..inference.encode import trained_features, trained_part
 from ..inference.images import Screening, image_source, screen, without_failed
 from ..inference.instances import Instance, build_instances
 from ..inference.runtime import memory_format, pick_device, tensor_to
+from ..locks import RunLock
 from ..models.backbones import Backbone
 from ..models.network import FusionHead
 from ..preprocess.mammo import NOTES
@@ -390,13 +391,25 @@ def predict_batch(manifest: Manifest, bundle: Bundle, out_dir: str | os.PathLike
                   cache_dir: str | os.PathLike = ".cache/breastfusion", heatmaps: bool = True, device: str = "auto",
                   progress: bool = True, save_arrays: bool = False,
                   skipped_at_ingest: list[tuple[str, str]] | None = None, command: str = "",
-                  chunk_size: int = CHUNK_PATIENTS, runtime: str = "torch") -> Prediction:
+                  chunk_size: int = CHUNK_PATIENTS, runtime: str = "torch", locked: bool = False) -> Prediction:
     """`predict` + `write_prediction` for any number of patients, in bounded memory: patients go
     through `chunk_size` at a time, each chunk's heatmaps and reports are written and its rows
     recorded (journal.py) before the next one starts, so memory does not grow with the batch
     and an interrupted batch, run again, resumes after its last finished chunk. Returns the
-    batch's Prediction without heatmap panels. `runtime`: see `predict`."""
-    cfg, out = bundle.config, Path(out_dir)
+    batch's Prediction without heatmap panels. `runtime`: see `predict`.
+
+    The output folder's lock (locks.RunLock) is held throughout, so a second batch into a folder
+    that a live process writes to is refused (RunLockedError) before it writes anything;
+    `locked`: the caller holds it already (the command line, which writes its ingest there first)."""
+    with contextlib.nullcontext() if locked else RunLock(out_dir, command):
+        return _predict_batch(manifest, bundle, Path(out_dir), cache_dir, heatmaps, device, progress, save_arrays,
+                              skipped_at_ingest, command, chunk_size, runtime)
+
+
+def _predict_batch(manifest: Manifest, bundle: Bundle, out: Path, cache_dir, heatmaps: bool, device: str,
+                   progress: bool, save_arrays: bool, skipped_at_ingest, command: str, chunk_size: int,
+                   runtime: str) -> Prediction:
+    cfg = bundle.config
     heatmaps = _runtime_ready(bundle, runtime, heatmaps)
     out.mkdir(parents=True, exist_ok=True)
     journal = Journal(out, {"bundle": bundle.meta.sha256, "heatmaps": heatmaps, "save_arrays": save_arrays,
