@@ -125,6 +125,34 @@ def test_a_zipped_dicom_study_gets_the_json_predict_writes(served, service, tmp_
         assert not [m for m in PHI_MARKERS if m in text]
 
 
+def test_the_service_on_onnx_runtime_answers_what_pytorch_answers(served, tmp_path):
+    import shutil
+
+    from breastfusion.predict.onnx import export_onnx
+
+    bundle_dir, bundle, study, _ = served
+    onnx_dir = shutil.copytree(bundle_dir, tmp_path / "bundle")
+    export_onnx(onnx_dir)
+    answers = {}
+    for runtime, model in (("torch", bundle), ("onnx", onnx_dir)):
+        root = tmp_path / f"tmp-{runtime}"
+        app = create_app(model, tmp_root=root, heatmaps=True, runtime=runtime)
+        with TestClient(app) as client:
+            health = client.get("/health").json()
+            assert health["runtime"] == runtime and health["heatmaps"] == (runtime == "torch")
+            response = client.post("/predict?reports=0", content=_study_zip(study), headers=ZIP)
+            assert response.status_code == 200, response.text
+        assert not list(root.iterdir())
+        answers[runtime] = response.json()
+    torch_rows, onnx_rows = answers["torch"]["patients"], answers["onnx"]["patients"]
+    assert [r["case_id"] for r in onnx_rows] == [r["case_id"] for r in torch_rows]
+    for want, got in zip(torch_rows, onnx_rows, strict=True):
+        for key in ("p_normal", "p_benign", "p_malignant"):
+            assert abs(got[key] - want[key]) <= 1e-4, (key, got[key], want[key])
+        assert got["decision"] == want["decision"]
+    assert answers["onnx"]["model"]["runtime"].startswith("ONNX Runtime") and "runtime" not in answers["torch"]["model"]
+
+
 def test_malformed_and_unsafe_uploads_get_a_4xx_with_one_line(served, service):
     _, _, study, _ = served
     dicom = (study / "cc.dcm").read_bytes()
@@ -264,7 +292,7 @@ def test_serve_binds_this_machine_only_by_default(monkeypatch, served):
 
     bundle_dir, bundle, _, _ = served
     calls = {}
-    monkeypatch.setattr("breastfusion.serve.load_bundle", lambda path: bundle)  # loaded once already
+    monkeypatch.setattr("breastfusion.serve.load_bundle", lambda path, networks=True: bundle)  # loaded once already
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.update(kw, app=app))
     out = CliRunner().invoke(main, ["serve", "--model", str(bundle_dir), "--max-queue", "2"])
     assert out.exit_code == 0, out.output

@@ -491,9 +491,11 @@ def predict(input_path: str, bundle_dir: str, out_dir: str, no_heatmaps: bool, s
 @click.option("--no-heatmaps", is_flag=True, help="Skip Grad-CAM (faster answers; reports without overlays).")
 @click.option("--pseudonymise-salt", default=None, help="Replace patient ids by salted hashes in every answer.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto (the GPU if any).")
+@click.option("--runtime", type=click.Choice(["torch", "onnx", "onnx-int8"]), default="torch", show_default=True,
+              help="As predict --runtime: the bundle's ONNX graphs on ONNX Runtime (CPU), no heatmaps.")
 def serve_cmd(bundle_dir: str, host: str, port: int, max_upload_mb: float, max_unpacked_mb: float, max_files: int,
               max_queue: int, upload_timeout: float, tmp_dir: str | None, no_heatmaps: bool,
-              pseudonymise_salt: str | None, device: str) -> None:
+              pseudonymise_salt: str | None, device: str, runtime: str) -> None:
     """Serve `predict` over HTTP: POST a study (a zip, or DICOM/image files) to /predict and get
     predictions.json with the patients' HTML reports; GET /health. See serve.py for the details."""
     import uvicorn
@@ -503,9 +505,10 @@ def serve_cmd(bundle_dir: str, host: str, port: int, max_upload_mb: float, max_u
     limits = Limits(max_upload_mb=max_upload_mb, max_unpacked_mb=max_unpacked_mb, max_files=max_files,
                     max_queue=max_queue, upload_timeout_s=upload_timeout)
     app = create_app(bundle_dir, limits=limits, tmp_root=tmp_dir, heatmaps=not no_heatmaps, device=device,
-                     pseudonymise_salt=pseudonymise_salt, command=_command_line())
+                     pseudonymise_salt=pseudonymise_salt, command=_command_line(), runtime=runtime)
     bundle = app.state.service.bundle
-    click.echo(f"serving {bundle.version} on http://{host}:{port} (POST /predict, GET /health); Ctrl+C stops")
+    click.echo(f"serving {bundle.version} ({runtime} runtime) on http://{host}:{port} (POST /predict, GET /health); "
+               "Ctrl+C stops")
     uvicorn.run(app, host=host, port=port, workers=1, log_level="warning" if _quiet() else "info")
 
 

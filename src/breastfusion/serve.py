@@ -76,7 +76,7 @@ from .errors import BreastFusionError, StorageError
 from .files import STORAGE_ERRNOS, safe_name
 from .ingest.folder import ingest_folder, write_ingest
 from .predict.bundle import Bundle, load_bundle
-from .predict.run import predict_batch
+from .predict.run import predict_batch, runtime_ready
 from .records import read_manifest
 
 log = logging.getLogger(__name__)
@@ -390,8 +390,9 @@ class Service:
     """The model, loaded once, and the queue in front of it; `app` serves it."""
 
     def __init__(self, bundle: Bundle, limits: Limits, tmp_root: Path | None, heatmaps: bool, device: str,
-                 pseudonymise_salt: str | None, command: str):
-        self.bundle, self.limits, self.heatmaps, self.device = bundle, limits, heatmaps, device
+                 pseudonymise_salt: str | None, command: str, runtime: str = "torch"):
+        self.bundle, self.limits, self.device, self.runtime = bundle, limits, device, runtime
+        self.heatmaps = runtime_ready(bundle, runtime, heatmaps)  # graphs loaded now; no Grad-CAM off PyTorch
         self.tmp_root = tmp_root
         self.salt = pseudonymise_salt
         self.command = command or f"breastfusion serve --model {bundle.root.name}"
@@ -416,7 +417,7 @@ class Service:
         out = work / "out"
         predict_batch(manifest, self.bundle, out, cache_dir=work / "cache", heatmaps=self.heatmaps,
                       device=self.device, progress=False, save_arrays=False, skipped_at_ingest=result.skipped,
-                      command=f"{self.command} (POST /predict)")
+                      command=f"{self.command} (POST /predict)", runtime=self.runtime)
         return out
 
     @staticmethod
@@ -447,7 +448,8 @@ class Service:
         b = self.bundle
         return JSONResponse({"status": "ok", "model": b.config.name, "version": b.version, "bundle": b.root.name,
                              "breastfusion": __version__, "classes": list(b.meta.classes),
-                             "folds": len(b.nets), "heatmaps": self.heatmaps, "queued": self.pending,
+                             "folds": len(b.meta.folds), "runtime": self.runtime, "heatmaps": self.heatmaps,
+                             "queued": self.pending,
                              "max_queue": self.limits.max_queue, "max_upload_mb": self.limits.max_upload_mb,
                              "served": self.served})
 
@@ -515,17 +517,18 @@ class Service:
 
 def create_app(bundle: str | os.PathLike | Bundle, *, limits: Limits | None = None,
                tmp_root: str | os.PathLike | None = None, heatmaps: bool = True, device: str = "auto",
-               pseudonymise_salt: str | None = None, command: str = "") -> Starlette:
+               pseudonymise_salt: str | None = None, command: str = "", runtime: str = "torch") -> Starlette:
     """The service's ASGI app. `bundle`: a bundle folder (loaded now, once) or a loaded Bundle.
     `tmp_root`: where the per-request folders go (default: the system's temporary folder).
+    `runtime`: as `predict --runtime` (the ONNX Runtime sessions are made now, once).
     The Service is `app.state.service`."""
     if not isinstance(bundle, Bundle):
-        bundle = load_bundle(bundle)
+        bundle = load_bundle(bundle, networks=runtime == "torch")
     root = None
     if tmp_root is not None:
         root = Path(tmp_root)
         root.mkdir(parents=True, exist_ok=True)
-    service = Service(bundle, limits or Limits(), root, heatmaps, device, pseudonymise_salt, command)
+    service = Service(bundle, limits or Limits(), root, heatmaps, device, pseudonymise_salt, command, runtime)
     app = Starlette(routes=[Route("/predict", service.predict, methods=["POST"]),
                             Route("/health", service.health, methods=["GET"])],
                     lifespan=service.lifespan)

@@ -224,7 +224,7 @@ def predict(manifest: Manifest, bundle: Bundle, cache_dir: str | os.PathLike = "
     """Every patient of `manifest`, in memory (heatmaps included): for a few hundred patients;
     `predict_batch` streams any number to a folder. `runtime`: "torch", or "onnx" / "onnx-int8"
     (the bundle's ONNX graphs on ONNX Runtime; no heatmaps)."""
-    heatmaps = _runtime_ready(bundle, runtime, heatmaps)
+    heatmaps = runtime_ready(bundle, runtime, heatmaps)
     cfg = bundle.config
     cases = list(manifest.cases().values())
     log.info("predicting %d patient(s), %d image(s) with %s (%d fold networks)", len(cases), _images(cases),
@@ -235,7 +235,7 @@ def predict(manifest: Manifest, bundle: Bundle, cache_dir: str | os.PathLike = "
     return pred
 
 
-def _runtime_ready(bundle: Bundle, runtime: str, heatmaps: bool) -> bool:
+def runtime_ready(bundle: Bundle, runtime: str, heatmaps: bool) -> bool:
     """Load `runtime`'s graphs now (a bundle without them fails here, not once per patient);
     returns whether heatmaps are made: Grad-CAM runs on the PyTorch runtime only."""
     if runtime == "torch":
@@ -410,7 +410,7 @@ def _predict_batch(manifest: Manifest, bundle: Bundle, out: Path, cache_dir, hea
                    progress: bool, save_arrays: bool, skipped_at_ingest, command: str, chunk_size: int,
                    runtime: str) -> Prediction:
     cfg = bundle.config
-    heatmaps = _runtime_ready(bundle, runtime, heatmaps)
+    heatmaps = runtime_ready(bundle, runtime, heatmaps)
     out.mkdir(parents=True, exist_ok=True)
     journal = Journal(out, {"bundle": bundle.meta.sha256, "heatmaps": heatmaps, "save_arrays": save_arrays,
                             **({"runtime": runtime} if runtime != "torch" else {})})
