@@ -342,6 +342,32 @@ def test_an_interrupted_batch_resumes_without_redoing_finished_patients(trained,
     assert len([c for chunk in calls for c in chunk]) == 7
 
 
+def test_backbones_only_see_a_few_batch_sizes_and_every_image_once(trained):
+    """Long batches: remainders are cut in powers of two (inference.batches.bounded_spans), so the
+    per-shape state of oneDNN / ONNX Runtime stays bounded (docs/reliability.md, Long batches)."""
+    from breastfusion.inference.batches import bounded_spans
+    from breastfusion.predict.run import FeatureBank
+    from breastfusion.vocab import Modality
+
+    for n in range(70):
+        spans = bounded_spans(n, 12)
+        assert [i for a, b in spans for i in range(a, b)] == list(range(n))
+        assert {b - a for a, b in spans} <= {12, 8, 4, 2, 1}
+    manifest, _, bundle_dir, _ = trained
+    bundle = load_bundle(bundle_dir)
+    backbone = bundle.nets[0].backbone(Modality.US)
+    records = [r for r in manifest.records if r.modality is Modality.US][:23]
+    sizes = []
+    hook = backbone.register_forward_hook(lambda module, args, out: sizes.append(args[0].shape[0]))
+    try:
+        bank = FeatureBank(image_source(bundle.config, bundle.config.train.cache_dir), torch.device("cpu"),
+                           bundle.config.train, batch_size=8)
+        bank.encode(backbone, records)
+    finally:
+        hook.remove()
+    assert sizes == [8, 8, 4, 2, 1] and all(bank.get(backbone, r.path).isfinite().all() for r in records)
+
+
 def test_a_batch_into_an_output_folder_another_process_writes_is_refused_before_writing(trained, tmp_path):
     from breastfusion.errors import RunLockedError
     from breastfusion.locks import RunLock

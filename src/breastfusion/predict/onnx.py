@@ -38,6 +38,7 @@ from ..choices import TrainMode
 from ..config import TrainConfig
 from ..errors import WeightsError
 from ..files import atomic_path, sha256_file, write_text
+from ..inference.batches import bounded_spans
 from ..inference.encode import storage_dtype
 from ..inference.instances import Instance
 from ..inference.runtime import autocast_dtype
@@ -293,8 +294,8 @@ class OnnxFeatureBank(FeatureBank):
 
     def encode(self, encoder, records: list[ImageRecord]) -> None:
         todo = list({r.path: r for r in records if (id(encoder), r.path) not in self._store}.values())
-        for start in range(0, len(todo), self.batch_size):
-            chunk = todo[start:start + self.batch_size]
+        for start, stop in bounded_spans(len(todo), self.batch_size):  # few shapes: bounded session state
+            chunk = todo[start:stop]
             feats = encoder.run(None, {"images": self._images(chunk, False).numpy()})[0]
             for rec, feat in zip(chunk, torch.from_numpy(feats), strict=True):
                 self._store[(id(encoder), rec.path)] = feat

@@ -52,7 +52,7 @@ from ..evaluation.aggregate import PROBA_COLUMNS, aggregate
 from ..evaluation.decision import decide
 from ..explain.gradcam import explain_instance
 from ..files import atomic_path, safe_name, write_text
-from ..inference.batches import instance_batch
+from ..inference.batches import bounded_spans, instance_batch
 from ..inference.encode import trained_features, trained_part
 from ..inference.images import Screening, image_source, screen, without_failed
 from ..inference.instances import Instance, build_instances
@@ -89,7 +89,7 @@ class FeatureBank:
         if not todo:  # e.g. the folds share a frozen backbone: the first fold encoded everything
             return
         backbone.eval()
-        chunks = [todo[k:k + self.batch_size] for k in range(0, len(todo), self.batch_size)]
+        chunks = [todo[a:b] for a, b in bounded_spans(len(todo), self.batch_size)]
         # the next chunk is read from the cache while the backbone works on this one
         with torch.no_grad(), memory_format(backbone, self.train.channels_last) as cl, \
                 ThreadPoolExecutor(max_workers=1) as reader:
