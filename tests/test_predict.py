@@ -26,6 +26,7 @@ from breastfusion.models.weights import read_state_dict
 from breastfusion.predict.bundle import export_bundle, load_bundle
 from breastfusion.predict.run import ensemble_logits, naive_probabilities, predict, predict_batch, write_prediction
 from breastfusion.records import read_manifest
+from breastfusion.vocab import Modality
 
 from conftest import tiny_model_config, write_tiny_cohort
 
@@ -347,7 +348,6 @@ def test_backbones_only_see_a_few_batch_sizes_and_every_image_once(trained):
     per-shape state of oneDNN / ONNX Runtime stays bounded (docs/reliability.md, Long batches)."""
     from breastfusion.inference.batches import bounded_spans
     from breastfusion.predict.run import FeatureBank
-    from breastfusion.vocab import Modality
 
     for n in range(70):
         spans = bounded_spans(n, 12)
@@ -527,9 +527,34 @@ def test_int8_auc_change_calibrates_each_fold_on_its_own_training_images(trained
     assert change["patients"] == len(split["val"]) == 4 and change["folds"] == [1]
     assert change["largest_probability_change"] < 1e-6 and change["decision_changed"] == 0
     assert all(abs(v) < 1e-9 for v in change["auc_change"].values() if not np.isnan(v))
+    # an image preprocessing refuses (a Doppler frame, say) is left out as in training, not read
+    first = sorted(split["val"])[0]
+    refused = {r.path for r in manifest.records if r.case_id == first and r.modality is Modality.US}
+    screen = int8.screen
+
+    def refusing(records, source, progress=True):
+        found = screen(records, source, progress)
+        found.refused.update({r.path: "colour image" for r in records if r.path in refused})
+        return found
+
+    monkeypatch.setattr(int8, "screen", refusing)
+    assert int8.int8_auc_change(bundle, row_dir, manifest, images=8, folds=[1])["patients"] == 3
     other = read_manifest(write_tiny_cohort(tmp / "other", n_cases=12, seed=9))
     with pytest.raises(CohortError, match="not the one MM was trained on"):
         int8.int8_auc_change(bundle, row_dir, other)
+
+
+def test_quantisation_leaves_no_handler_on_the_root_logger():
+    """onnxruntime.quantization's `logging.info` installs a root handler (basicConfig) when the
+    root has none; every later line of ours was then printed twice."""
+    import logging
+
+    from breastfusion.predict import int8
+
+    before = list(logging.getLogger().handlers)
+    with int8._quiet():
+        logging.getLogger().addHandler(logging.StreamHandler())
+    assert logging.getLogger().handlers == before
 
 
 @pytest.mark.parametrize("variant", [dict(head="plain", arcface=False), dict(fusion="cross_attention"),

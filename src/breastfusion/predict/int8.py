@@ -25,6 +25,7 @@ import contextlib
 import logging
 import shutil
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,7 @@ from ..evaluation.calibration import calibrated_patients
 from ..evaluation.decision import decide
 from ..evaluation.metrics import macro_auc, per_class_auc
 from ..files import atomic_path
-from ..inference.images import image_source, screen
+from ..inference.images import image_source, screen, without_failed
 from ..inference.instances import build_instances
 from ..inference.layout import recorded_splits
 from ..preprocess.pipeline import ImageSource
@@ -137,14 +138,18 @@ def quantise(graph: Path, out: Path, reader: CalibrationImages) -> Path:
 
 @contextlib.contextmanager
 def _quiet():
-    """onnxruntime.quantization logs its advice on the root logger; keep it out of ours."""
+    """onnxruntime.quantization logs its advice through `logging.info(...)` on the root logger,
+    which also installs a stderr handler on a root that has none (`logging.basicConfig`): every
+    later line of ours would be printed twice. Keep both out."""
     root = logging.getLogger()
-    level = root.level
+    level, handlers = root.level, list(root.handlers)
     root.setLevel(logging.ERROR)
     try:
         yield
     finally:
         root.setLevel(level)
+        for handler in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(handler)
 
 
 def _same_training(bundle: Bundle, row_dir: Path, manifest: Manifest, splits: dict) -> None:
@@ -187,8 +192,9 @@ def export_int8(bundle_dir, row_dir, manifest: Manifest, images: int = CALIBRATI
                 graphs[graph] = name
                 calibration[name] = {"images": cal.used[(graph, tuple(sorted(folds)))],
                                      "from": f"train splits of folds {folds}"}
-                log.info("int8 %s: %.1f MB -> %.1f MB", name, (bundle.root / graph).stat().st_size / 1e6,
-                         (bundle.root / name).stat().st_size / 1e6)
+                log.info("int8 %s: %.1f MB -> %.1f MB, calibrated on %d training images", name,
+                         (bundle.root / graph).stat().st_size / 1e6, (bundle.root / name).stat().st_size / 1e6,
+                         calibration[name]["images"])
         int8 = {"graphs": graphs, "calibration": calibration,
                 "method": "onnxruntime quantize_static: QDQ, int8 weights per channel, uint8 activations, MinMax"}
         if measure:
@@ -217,7 +223,9 @@ def int8_auc_change(bundle: Bundle, row_dir, manifest: Manifest, images: int = C
                 continue
             val = [calibration.cases[c] for c in sorted(calibration.splits[k]["val"]) if c in calibration.cases]
             items, _ = build_instances(val, cfg.modality_set, cfg.slots)
-            items = [it for it in items if it.label is not None]
+            images = list({r.path: r for it in items for r in (*it.mg, it.us) if r is not None}.values())
+            refused = screen(images, calibration.source, progress=False).refused  # as in training and predict
+            items = [it for it in without_failed(items, refused, Counter()) if it.label is not None]
             if not items:
                 continue
             entry = fp32.folds[i]
