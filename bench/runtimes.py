@@ -42,7 +42,8 @@ import numpy as np
 from common import ROOT, WORK, quiet_logs, record, synthetic_cohort, verdict
 from predict import trained_bundle
 
-RUNTIMES = ("torch", "onnx", "onnx-int8")
+from breastfusion.choices import RUNTIMES
+
 TARGETS = {"onnx": 1.2, "onnx-int8": 2.0}
 PROBA = ["p_normal", "p_benign", "p_malignant"]
 
@@ -224,7 +225,7 @@ def main() -> None:
     run_worker("torch", bundle, manifest.source, cache, work / "warm.npy")  # fills the preprocessing cache
     runs = {r: [] for r in RUNTIMES}
     for rep in range(args.repeats):
-        order = RUNTIMES[rep % 3:] + RUNTIMES[:rep % 3]
+        order = RUNTIMES[rep % len(RUNTIMES):] + RUNTIMES[:rep % len(RUNTIMES)]
         for runtime in order:
             result = run_worker(runtime, bundle, manifest.source, cache, work / f"{runtime}.{rep}.npy")
             result["repeat"] = rep

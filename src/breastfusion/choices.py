@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+# where a bundle's networks run: PyTorch, or its ONNX graphs on ONNX Runtime (fp32, int8 backbones);
+# `predict --runtime` and `serve --runtime` (predict/onnx.py)
+RUNTIMES = ("torch", "onnx", "onnx-int8")
+
 
 class Choice(StrEnum):
     """A config choice; `parse` accepts the exact value only (configs are written by people and

@@ -12,6 +12,7 @@ import yaml
 
 from . import logs
 from .allocator import reuse_freed_memory
+from .choices import RUNTIMES
 from .errors import BreastFusionError, PartialFailure
 from .files import STORAGE_ERRNOS, storage_error, write_text
 from .locks import RunLock
@@ -421,7 +422,7 @@ def _input_manifest(input_path: str, work: Path, salt: str | None, progress: boo
 @click.option("--cache-dir", default=".cache/breastfusion", show_default=True, type=click.Path(file_okay=False),
               help="Preprocessing cache of the input images.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto (the GPU if any).")
-@click.option("--runtime", type=click.Choice(["torch", "onnx", "onnx-int8"]), default="torch", show_default=True,
+@click.option("--runtime", type=click.Choice(RUNTIMES), default="torch", show_default=True,
               help="PyTorch, or the bundle's ONNX graphs on ONNX Runtime (CPU; export --onnx / --int8): "
                    "same pipeline and outputs, no heatmaps.")
 def predict(input_path: str, bundle_dir: str, out_dir: str, no_heatmaps: bool, save_arrays: bool,
@@ -448,8 +449,6 @@ def predict(input_path: str, bundle_dir: str, out_dir: str, no_heatmaps: bool, s
     notes = pred.note_counts()
     if notes:
         click.echo("preprocessing: " + "; ".join(f"{n} image(s): {reason}" for reason, n in notes.items()))
-    if runtime != "torch" and not no_heatmaps:
-        click.echo(f"heatmaps skipped: Grad-CAM runs on the PyTorch runtime only (--runtime {runtime})")
     click.echo(f"worklist: {out / 'worklist.html'}  reports: {out / 'reports'}")
     unused = [f"{n} {k}" for k, n in pred.skipped.items()]
     if pred.failed:
@@ -484,7 +483,7 @@ def predict(input_path: str, bundle_dir: str, out_dir: str, no_heatmaps: bool, s
 @click.option("--no-heatmaps", is_flag=True, help="Skip Grad-CAM (faster answers; reports without overlays).")
 @click.option("--pseudonymise-salt", default=None, help="Replace patient ids by salted hashes in every answer.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto (the GPU if any).")
-@click.option("--runtime", type=click.Choice(["torch", "onnx", "onnx-int8"]), default="torch", show_default=True,
+@click.option("--runtime", type=click.Choice(RUNTIMES), default="torch", show_default=True,
               help="As predict --runtime: the bundle's ONNX graphs on ONNX Runtime (CPU), no heatmaps.")
 def serve_cmd(bundle_dir: str, host: str, port: int, max_upload_mb: float, max_unpacked_mb: float, max_files: int,
               max_queue: int, upload_timeout: float, tmp_dir: str | None, no_heatmaps: bool,

@@ -63,8 +63,8 @@ def bounded_spans(n: int, batch_size: int) -> list[tuple[int, int]]:
     powers of two, largest first (45 at 32: 32, 8, 4, 1). The backbones thus only ever see
     batch sizes from {batch_size, 1, 2, 4, ...}: oneDNN (PyTorch's CPU convolutions) and ONNX
     Runtime keep per-shape state (primitives, memory plans), which grew with every new remainder
-    size over a long `predict` batch (peak RSS +15% from 200 to 2,000 patients; bounded sizes
-    held it at +2%). No padding: every image is computed once, exactly."""
+    size over a long `predict` batch (peak RSS 1.26x from 200 to 2,000 patients; 1.04x with
+    bounded sizes, bench/predict_batch.py). No padding: every image is computed once, exactly."""
     spans, start = [], 0
     while n - start >= batch_size:
         spans.append((start, start + batch_size))

@@ -29,6 +29,17 @@ class Instance:
         return tuple(r is not None for r in self.mg)
 
 
+def modality_images(items: Iterable[Instance], modality: Modality) -> list[ImageRecord]:
+    """The images of `modality` these instances show, each once, in the order first seen (a
+    patient's MG views are shared by its instances: what a backbone has to encode)."""
+    found: dict[str, ImageRecord] = {}
+    for inst in items:
+        for rec in inst.mg if modality is Modality.MG else (inst.us,):
+            if rec is not None:
+                found.setdefault(rec.path, rec)
+    return list(found.values())
+
+
 def build_instances(cases: Iterable[Case], modalities: Sequence[Modality],
                     slots: Sequence[MGSlot]) -> tuple[list[Instance], Counter]:
     """Instances for a model of these modalities; also counts of cases left out, by reason."""

@@ -40,7 +40,7 @@ from ..evaluation.decision import decide
 from ..evaluation.metrics import macro_auc, per_class_auc
 from ..files import atomic_path
 from ..inference.images import image_source, screen, without_failed
-from ..inference.instances import build_instances
+from ..inference.instances import build_instances, modality_images
 from ..inference.layout import recorded_splits
 from ..preprocess.pipeline import ImageSource
 from ..records import ImageRecord, Manifest
@@ -94,9 +94,7 @@ class Calibration:
         cfg = self.bundle.config.model
         instances, _ = build_instances([self.cases[c] for c in sorted(train) if c in self.cases],
                                        cfg.modality_set, cfg.slots)
-        found = {r.path: r for i in instances for r in (i.mg if modality is Modality.MG else (i.us,))
-                 if r is not None}
-        records = [found[p] for p in sorted(found)]
+        records = sorted(modality_images(instances, modality), key=lambda r: r.path)
         refused = screen(records, self.source, progress=False).refused
         records = [r for r in records if r.path not in refused]
         if not records:
@@ -223,7 +221,7 @@ def int8_auc_change(bundle: Bundle, row_dir, manifest: Manifest, images: int = C
                 continue
             val = [calibration.cases[c] for c in sorted(calibration.splits[k]["val"]) if c in calibration.cases]
             items, _ = build_instances(val, cfg.modality_set, cfg.slots)
-            images = list({r.path: r for it in items for r in (*it.mg, it.us) if r is not None}.values())
+            images = [r for m in cfg.modality_set for r in modality_images(items, m)]
             refused = screen(images, calibration.source, progress=False).refused  # as in training and predict
             items = [it for it in without_failed(items, refused, Counter()) if it.label is not None]
             if not items:

@@ -34,13 +34,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..choices import TrainMode
+from ..choices import RUNTIMES, TrainMode
 from ..config import TrainConfig
 from ..errors import WeightsError
 from ..files import atomic_path, sha256_file, write_text
 from ..inference.batches import bounded_spans
 from ..inference.encode import storage_dtype
-from ..inference.instances import Instance
+from ..inference.instances import Instance, modality_images
 from ..inference.runtime import autocast_dtype
 from ..models.backbones import Backbone
 from ..models.network import FusionHead
@@ -54,7 +54,6 @@ log = logging.getLogger(__name__)
 
 ONNX_DIR = "onnx"
 OPSET = 17
-RUNTIMES = ("torch", "onnx", "onnx-int8")  # predict --runtime
 PROVIDERS = ["CPUExecutionProvider"]
 TOLERANCE = 1e-4  # export's check: |ONNX - PyTorch| <= TOLERANCE * max(1, |PyTorch|) on random inputs
 
@@ -274,9 +273,7 @@ class OnnxNets:
             feeds = {}
             for m in self.modalities:
                 encoder = self.session(entry[m.value])
-                records = [r for inst in items for r in (inst.mg if m is Modality.MG else (inst.us,))
-                           if r is not None]
-                bank.encode(encoder, records)
+                bank.encode(encoder, modality_images(items, m))
                 if m is Modality.MG:
                     feats, mask, rows = mg_views(bank, encoder, int(dims["mg_feat"][2]), items, torch.device("cpu"))
                     feeds.update(mg_feat=feats.numpy(), mg_mask=mask.numpy(), mg_rows=rows.numpy())

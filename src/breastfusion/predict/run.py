@@ -55,7 +55,7 @@ from ..files import atomic_path, safe_name, write_text
 from ..inference.batches import bounded_spans, instance_batch
 from ..inference.encode import trained_features, trained_part
 from ..inference.images import Screening, image_source, screen, without_failed
-from ..inference.instances import Instance, build_instances
+from ..inference.instances import Instance, build_instances, modality_images
 from ..inference.runtime import memory_format, pick_device, tensor_to
 from ..locks import RunLock
 from ..models.backbones import Backbone
@@ -171,9 +171,7 @@ def ensemble_logits(bundle: Bundle, items: list[Instance], source: ImageSource,
             layouts.enter_context(memory_format(net, train.channels_last))
         for net in bundle.nets:
             for m in net.head.modalities:
-                records = [r for inst in items for r in (inst.mg if m is Modality.MG else (inst.us,))
-                           if r is not None]
-                bank.encode(net.backbone(m), records)
+                bank.encode(net.backbone(m), modality_images(items, m))
             with torch.no_grad(), trained_part(device, train):
                 out.append(net.head(**head_inputs(net, bank, items, device)).logits.float().cpu().numpy())
     return out

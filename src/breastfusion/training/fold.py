@@ -20,11 +20,10 @@ from ..evaluation.aggregate import LOGIT_COLUMNS, PROBA_COLUMNS
 from ..files import atomic_path, write_text
 from ..inference import layout
 from ..inference.encode import trained_part
-from ..inference.instances import Instance
+from ..inference.instances import Instance, modality_images
 from ..inference.runtime import loader_kwargs, memory_format, pick_device, tensor_to
 from ..models.network import BreastFusionNet, HeadOnly, build_head, feature_dims, transfer_branch
 from ..models.weights import save_weights
-from ..vocab import Modality
 from .augment import Augment
 from .branches import BranchMemo, only, single_modality
 from .data import FeatureInstances, ImageInstances
@@ -153,8 +152,7 @@ class _Trainer:
         model.eval()
         with memory_format(model, t.channels_last) as cl:
             for modality in model.head.modalities:
-                paths = sorted({r.path for i in items for r in (i.mg if modality is Modality.MG else (i.us,))
-                                if r is not None})
+                paths = sorted(r.path for r in modality_images(items, modality))
                 backbone = model.backbone(modality)
                 for start in range(0, len(paths), images):
                     chunk = paths[start:start + images]
