@@ -5,6 +5,7 @@ import pytest
 from breastfusion.config import RunConfig, from_dict, load_run_config, save_yaml, to_dict
 from breastfusion.errors import ConfigError
 from breastfusion.presets import cpu_reference, demo_rows, paper_reference, table3_rows
+from breastfusion.vocab import Modality
 
 
 def test_yaml_round_trip(tmp_path):
@@ -101,7 +102,23 @@ def test_demo_rows_are_us_mg_and_concat():
     assert to_dict(rows[2])["model"]["fusion"] == "concat"
 
 
-@pytest.mark.parametrize("name", ["demo", "table3", "table3-cpu", "table3-cpu-partial"])
+def test_recommended_cpu_preset_keeps_each_rows_meaning():
+    """table3-cpu (the recommended CPU recipe) sets a backbone per modality: every row still says
+    what its name says, and the GoogLeNet rows put GoogLeNet in every branch, not only the default."""
+    from breastfusion.presets import preset
+
+    rows = {r.name: r for r in preset("table3-cpu")}
+    for name, row in rows.items():
+        names = {bb.name for bb in row.model.backbones().values()}
+        assert names == ({"googlenet"} if name.startswith("GoogLeNet") else names - {"googlenet"}), name
+        assert row.train.mode == "partial", name
+    assert rows["single US"].model.backbones()[Modality.US].frozen == "layer3"
+    assert rows["single MG"].model.backbones()[Modality.MG].frozen == "all"
+    old = {r.name: r for r in preset("table3-cpu-frozen128")}
+    assert old.keys() == rows.keys() and all(r.train.mode == "cached" for r in old.values())
+
+
+@pytest.mark.parametrize("name", ["demo", "table3", "table3-cpu", "table3-cpu-frozen128", "table3-cpu-partial"])
 def test_shipped_config_files_are_the_generated_presets(name):
     """configs/*.yaml are generated from the presets (`breastfusion config --write configs`), byte for
     byte, and `breastfusion experiment configs/X.yaml` runs exactly the preset."""
