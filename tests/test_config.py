@@ -34,6 +34,9 @@ def test_unknown_key_and_bad_values_are_clear_errors():
         from_dict(RunConfig, {"model": {"modalities": ["CT"]}}).validate()
     with pytest.raises(ConfigError, match="frozen: all"):
         from_dict(RunConfig, {"train": {"mode": "cached"}}).validate()
+    with pytest.raises(ConfigError, match="'attention' is learned"):
+        from_dict(RunConfig, {"train": {"mode": "cached"},
+                              "model": {"backbone": {"frozen": "all", "pooling": "attention"}}}).validate()
 
 
 def _flat(cfg, prefix=""):

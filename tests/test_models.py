@@ -226,3 +226,22 @@ def test_same_padding_matches_tensorflow(kernel, stride, size):
     out = conv(x)
     assert out.shape[-1] == math.ceil(size / stride)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+
+
+def test_spatial_attention_pool_is_a_weighted_mean_over_cells_blind_to_their_order():
+    """Attention pooling over a feature map's cells (tiles): weights sum to one per image, the
+    pooled vector is their weighted mean, and shuffling the cells changes nothing (a bag of tiles)."""
+    from breastfusion.models.attention import SpatialAttentionPool
+
+    torch.manual_seed(0)
+    att = SpatialAttentionPool(16, hidden=8)
+    fmap = torch.randn(3, 16, 4, 5)
+    w = att.weights(fmap)
+    assert w.shape == (3, 4, 5) and torch.allclose(w.sum(dim=(1, 2)), torch.ones(3))
+    assert torch.allclose(att(fmap), torch.einsum("bhw,bchw->bc", w, fmap), atol=1e-6)
+    order = torch.randperm(20)
+    shuffled = fmap.flatten(2)[:, :, order].view(3, 16, 4, 5)
+    assert torch.allclose(att(shuffled), att(fmap), atol=1e-6)
+    one = torch.zeros(1, 16, 4, 5)
+    one[0, :, 2, 3] = 5.0  # one distinct cell: its weight differs from the others'
+    assert att.weights(one)[0, 2, 3] != att.weights(one)[0, 0, 0]

@@ -45,10 +45,11 @@ def _store(tmp_path, bb, cache, stage, dtype="fp32", copies=1):
     return FeatureStore(tmp_path / "cache", bb, cache, Augment(), copies=copies, stage=stage, dtype=dtype)
 
 
-@pytest.mark.parametrize("name, stage", [("resnet18", "layer2"), ("efficientnet_lite0", "layer3"),
-                                         ("efficientnet_lite0", "stem"), ("resnet18", "all")])
-def test_partial_mode_gives_the_fine_tune_logits_of_the_same_network(tmp_path, name, stage):
-    bb = BackboneConfig(name=name, weights="none", frozen=stage, image_size=48)
+@pytest.mark.parametrize("name, stage, pooling", [
+    ("resnet18", "layer2", "avg"), ("efficientnet_lite0", "layer3", "avg"), ("efficientnet_lite0", "stem", "avg"),
+    ("resnet18", "all", "avg"), ("resnet18", "all", "attention")])
+def test_partial_mode_gives_the_fine_tune_logits_of_the_same_network(tmp_path, name, stage, pooling):
+    bb = BackboneConfig(name=name, weights="none", frozen=stage, image_size=48, pooling=pooling)
     cfg, instances, net, cache, source, records = _setup(tmp_path, bb, 48)
     n = len(instances)
     images = next(iter(DataLoader(ImageInstances(instances, source, train=False), batch_size=n)))
@@ -104,6 +105,27 @@ def test_training_on_activations_changes_only_the_later_stages(tmp_path):
     frozen = ("us_backbone.net.conv1", "us_backbone.net.bn1", "us_backbone.net.layer1", "us_backbone.net.layer2",
               "mg_backbone.net.layer2")
     assert not [k for k in changed if k.startswith(frozen)]
+
+
+def test_attention_pooling_trains_on_a_frozen_backbone_and_nothing_else_of_it(tmp_path):
+    """frozen: all with attention pooling: the backbone's convolutions and BatchNorm statistics stay
+    as loaded, the attention over the map's cells (tiles of the image) learns."""
+    bb = BackboneConfig(name="resnet18", weights="none", frozen="all", image_size=96, pooling="attention")
+    cfg, instances, net, cache, source, records = _setup(tmp_path, bb, 96)  # 3 x 3 cells
+    acts = {}
+    for modality in (Modality.MG, Modality.US):
+        acts.update(_store(tmp_path, bb, cache, "all").features([r for r in records if r.modality is modality],
+                                                                backbone=net.backbone(modality), progress=False))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    net.train()
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.5)
+    batch = next(iter(DataLoader(FeatureInstances(instances, acts, train=True, kind="act"), batch_size=8)))
+    torch.nn.functional.cross_entropy(net(batch).logits, batch["label"]).backward()
+    opt.step()
+    changed = {k for k, v in net.state_dict().items() if not torch.equal(before[k], v)}
+    assert {k.split(".")[0] for k in changed if "_backbone." in k} == {"mg_backbone", "us_backbone"}
+    assert all(".attention_pool." in k for k in changed if "_backbone." in k), changed
+    assert not any(".net." in k for k in changed)
 
 
 def test_activation_cache_is_reused_only_for_that_image_stage_and_size(tmp_path):

@@ -55,6 +55,9 @@ class Pooling(Choice):
     MAX = "max"
     GEM = "gem"  # generalised mean
     AVGMAX = "avgmax"  # both concatenated: twice the feature dimension
+    # learned attention over the feature map's cells (each the receptive field of a tile of the
+    # image; Ilse et al. 2018): its weights train, so partial or fine-tune mode only
+    ATTENTION = "attention"
 
 
 class Head(Choice):

@@ -62,7 +62,8 @@ class BackboneConfig:
     image_size: int = field(default=224, metadata=at_least(32))  # square input side (our choice: the paper gives none)
     # Global pooling of the last feature map (our choice; the paper's ResNet50 averages):
     # avg | max (small findings) | gem (generalised mean, exponent gem_p) | avgmax (both
-    # concatenated: twice the feature dimension).
+    # concatenated: twice the feature dimension) | attention (learned weights over the map's
+    # cells, i.e. over tiles of the image: partial or fine-tune mode).
     pooling: Pooling = Pooling.AVG
     gem_p: float = field(default=3.0, metadata=at_least(1))
 
@@ -220,6 +221,9 @@ class RunConfig:
             if t.mode == TrainMode.CACHED and bb.frozen != FrozenStage.ALL:
                 problems.append(f"train.mode cached needs backbone.frozen: all ({mod.value}: the backbone "
                                 "is not trained)")
+            if t.mode == TrainMode.CACHED and bb.pooling == Pooling.ATTENTION:
+                problems.append(f"backbone pooling 'attention' is learned and cached mode trains no backbone "
+                                f"({mod.value}): use train.mode partial (frozen: all keeps the rest fixed)")
             if t.mode == TrainMode.PARTIAL and bb.frozen == FrozenStage.NONE:
                 problems.append(f"train.mode partial needs a backbone frozen up to a stage ({mod.value}: "
                                 "frozen 'none'; stem, layer1, layer2, layer3, or all for a branch kept frozen)")

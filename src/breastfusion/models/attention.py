@@ -30,6 +30,31 @@ class ViewAttentionPool(nn.Module):
         return torch.einsum("bv,bvd->bd", weights, views), weights
 
 
+class SpatialAttentionPool(nn.Module):
+    """Global pooling of a feature map by learned attention over its cells: each cell (the
+    receptive field of a tile of the image) is a view in the sense of ViewAttentionPool, scored
+    and weighted by the same function. Multiple-instance learning over tiles (Ilse et al. 2018),
+    for findings that cover a few cells of a large image. At initialisation the scores are
+    nearly equal: it starts as average pooling."""
+
+    def __init__(self, dim: int, hidden: int = 128):
+        super().__init__()
+        self.cells = ViewAttentionPool(dim, hidden)
+
+    def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C)."""
+        cells = feature_map.flatten(2).transpose(1, 2)  # (B, H*W, C)
+        mask = torch.ones(cells.shape[:2], dtype=torch.bool, device=cells.device)
+        pooled, _ = self.cells(cells, mask)
+        return pooled
+
+    def weights(self, feature_map: torch.Tensor) -> torch.Tensor:
+        """The attention each cell gets, (B, H, W), summing to 1 per image."""
+        cells = feature_map.flatten(2).transpose(1, 2)
+        mask = torch.ones(cells.shape[:2], dtype=torch.bool, device=cells.device)
+        return self.cells(cells, mask)[1].view(feature_map.shape[0], *feature_map.shape[2:])
+
+
 class CrossModalAttention(nn.Module):
     """Each modality queries the other (method.md, "Fusion"):
 

@@ -27,6 +27,7 @@ from torch import nn
 from ..choices import FrozenStage, Pooling, Weights
 from ..config import BackboneConfig
 from ..errors import WeightsError
+from .attention import SpatialAttentionPool
 from .efficientnet_lite import LITE_VARIANTS, EfficientNetLite, convert_lite_state_dict
 from .weights import read_state_dict
 
@@ -83,7 +84,7 @@ def pool(feature_map: torch.Tensor, how: str = Pooling.AVG, p: float = 3.0) -> t
         return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1).pow(1.0 / p).to(feature_map.dtype)
     if how == Pooling.AVGMAX:
         return torch.cat([pool(feature_map, Pooling.AVG), pool(feature_map, Pooling.MAX)], dim=1)
-    raise ValueError(f"unknown pooling {how!r}")
+    raise ValueError(f"unknown pooling {how!r}" + (" (learned: Backbone.pool)" if how == Pooling.ATTENTION else ""))
 
 
 class Backbone(nn.Module):
@@ -100,6 +101,8 @@ class Backbone(nn.Module):
         self.net = net
         self.pooling, self.gem_p = pooling, float(gem_p)
         self.out_dim = out_dim * (2 if pooling == Pooling.AVGMAX else 1)
+        # learned pooling (outside `net`: ImageNet weights do not have it; no stage freezes it)
+        self.attention_pool = SpatialAttentionPool(out_dim) if pooling == Pooling.ATTENTION else None
         self._stages = stages
         self._steps = steps
         if [s for s, _ in steps if s not in stages]:
@@ -144,8 +147,14 @@ class Backbone(nn.Module):
         """The last convolutional feature map (B, C, h, w), before pooling."""
         return self._run(self.normalise(images), 0, len(self._steps))
 
+    def pool(self, feature_map: torch.Tensor) -> torch.Tensor:
+        """The configured global pooling of a feature map."""
+        if self.attention_pool is not None:
+            return self.attention_pool(feature_map)
+        return pool(feature_map, self.pooling, self.gem_p)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return pool(self.feature_map(images), self.pooling, self.gem_p)
+        return self.pool(self.feature_map(images))
 
     def trunk(self, images: torch.Tensor, stage: str | None = None) -> torch.Tensor:
         """The activation map after `stage` (default: the last frozen one)."""
@@ -154,7 +163,7 @@ class Backbone(nn.Module):
     def tail(self, activations: torch.Tensor, stage: str | None = None) -> torch.Tensor:
         """Pooled features from the activation map after `stage` (default: the last frozen one)."""
         x = self._run(activations, self._cut(stage or self.frozen_stage), len(self._steps))
-        return pool(x, self.pooling, self.gem_p)
+        return self.pool(x)
 
     # -- freezing ---------------------------------------------------------
     def freeze(self, upto: str) -> None:
