@@ -140,3 +140,41 @@ def test_quiet_and_verbose_set_the_console_level(tmp_path):
     assert "cross-validating" not in quiet.output and "[US] cross-validating" in loud.output
     # the log file has the INFO lines either way
     assert "cross-validating" in (tmp_path / "q" / "breastfusion.log").read_text()
+
+
+def _fake_run(folder, macro: float, rows=("single US", "concat MM"), not_run=()):
+    def stat(v):
+        return {"mean": v, "std": 0.01, "n": 10}
+
+    out = []
+    for name in rows:
+        row = {"name": name, "backbone": "efficientnet_lite0", "mode": "partial",
+               "backbones": {"US": "efficientnet_lite0 224 px, frozen layer3, avg pooling"}}
+        if name in not_run:
+            row["not_run"] = "no weights"
+        else:
+            row["patient"] = {"auc": {c: stat(macro) for c in ("normal", "benign", "malignant")},
+                              "macro_auc": stat(macro), "accuracy": stat(0.7)}
+        out.append(row)
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps({"rows": out}))
+    return str(folder)
+
+
+def test_compare_puts_runs_side_by_side_row_by_row(tmp_path):
+    old = _fake_run(tmp_path / "old", 0.80, not_run=("concat MM",))
+    new = _fake_run(tmp_path / "new", 0.85, rows=("single US", "concat MM", "single MG"))
+    out = CliRunner().invoke(main, ["compare", old, new, "--label", "frozen", "--label", "partial",
+                                    "-o", str(tmp_path / "cmp.md")])
+    assert out.exit_code == 0, out.output
+    lines = out.output.strip().splitlines()
+    assert lines == (tmp_path / "cmp.md").read_text().strip().splitlines()
+    assert "macro vs frozen" in lines[0]
+    us_new = next(line for line in lines if line.startswith("| single US | partial |"))
+    assert "| 85.0 ± 1.0 | +5.0 |" in us_new and "US efficientnet_lite0 224 px" in us_new
+    assert any(line.startswith("| concat MM | frozen |") and "not run" in line for line in lines)
+    assert any(line.startswith("| single MG | frozen |") and "not in this run" in line for line in lines)
+    bad = CliRunner().invoke(main, ["compare", old, new, "--label", "one"])
+    assert bad.exit_code == 3 and "one per run" in bad.output
+    missing = CliRunner().invoke(main, ["compare", old, str(tmp_path)])
+    assert missing.exit_code == 3 and "metrics.json: not found" in missing.output

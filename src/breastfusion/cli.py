@@ -617,5 +617,34 @@ def cohort(manifest: str, out_md: str | None, out_json: str | None) -> None:
     click.echo(text, nl=False)
 
 
+@main.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--label", "labels", multiple=True,
+              help="Name of each run in the table, in the order of RUNS (default: the folder names).")
+@click.option("-o", "--out", "out_md", default=None, type=click.Path(dir_okay=False),
+              help="Also write the markdown table to this file.")
+def compare(runs: tuple[str, ...], labels: tuple[str, ...], out_md: str | None) -> None:
+    """Experiment runs (e.g. two presets on the same manifest) side by side, row by row: each run's
+    patient-level AUCs (mean ± std over folds) and its macro AUC's change from the first run's."""
+    from .errors import ConfigError
+    from .evaluation.report import side_by_side_markdown
+
+    if labels and len(labels) != len(runs):
+        raise ConfigError(f"{len(labels)} --label for {len(runs)} runs: give one per run, or none")
+    names = list(labels) or [Path(r).name for r in runs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"two runs share the name {names}: give each a --label")
+    tables = {}
+    for name, run in zip(names, runs, strict=True):
+        metrics = Path(run) / "metrics.json"
+        if not metrics.is_file():
+            raise ConfigError(f"{metrics}: not found (is {run} a finished experiment run folder?)")
+        tables[name] = json.loads(metrics.read_text())["rows"]
+    text = side_by_side_markdown(tables) + "\n"
+    if out_md is not None:
+        write_text(Path(out_md), text)
+    click.echo(text, nl=False)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -46,6 +46,9 @@ def describe_row(cfg) -> dict:
         "arcface": m.arcface,
         "mg_slots": list(m.mg_slots) if "MG" in m.modalities else [],
         "backbone": m.backbone.name,
+        # each branch's backbone as used (per-modality backbones may differ from `backbone`)
+        "backbones": {mod.value: f"{bb.name} {bb.image_size} px, frozen {bb.frozen}, {bb.pooling} pooling"
+                      for mod, bb in m.backbones().items()},
         "weights": m.backbone.weights,
         "mode": t.mode,
         "folds": cfg.cv.folds,
@@ -75,6 +78,13 @@ def _p(value: float) -> str:
     return "<0.001" if value < 0.001 else f"{value:.3f}"
 
 
+def _backbone(row: dict) -> str:
+    """The backbone column: per-modality backbones where the run wrote them (since 2026-12-01)."""
+    if not row.get("backbones"):
+        return row["backbone"]
+    return "; ".join(f"{m} {desc}" for m, desc in row["backbones"].items())
+
+
 def _views(row: dict) -> str:
     if not row["mg_slots"]:
         return "-"
@@ -86,7 +96,7 @@ def table3_markdown(rows: Sequence[dict]) -> str:
             "| AUC malignant | macro AUC | accuracy (vote) | accuracy (mean p) |")
     lines = [head, "|" + "---|" * 10]
     for r in rows:
-        first = (f"| {r['name']} | {r['backbone']} ({r['weights']}), {r['mode']} | {_views(r)} | "
+        first = (f"| {r['name']} | {_backbone(r)} ({r['weights']}), {r['mode']} | {_views(r)} | "
                  f"{'yes' if r['arcface'] else 'no'} | ")
         if "not_run" in r:
             lines.append(first + "not run (see below) |" + " |" * 5)
@@ -97,6 +107,33 @@ def table3_markdown(rows: Sequence[dict]) -> str:
             + " | ".join(_pm(p["auc"][c]) for c in CLASS_NAMES)
             + f" | {_pm(p['macro_auc'])} | {_pm(p['accuracy'])} | {_pm(pm['accuracy'])} |"
         )
+    return "\n".join(lines)
+
+
+def side_by_side_markdown(runs: dict[str, Sequence[dict]]) -> str:
+    """Runs of the same rows (e.g. two presets), row by row: each run's patient-level AUCs
+    (mean ± std over folds) and its macro AUC's difference from the first run's. `runs`: label ->
+    the "rows" of that run's metrics.json, in the order they are to be listed."""
+    labels = list(runs)
+    by_run = {label: {r["name"]: r for r in rows} for label, rows in runs.items()}
+    names = list(dict.fromkeys(r["name"] for rows in runs.values() for r in rows))
+    lines = [f"| model | run | backbone, mode | AUC normal | AUC benign | AUC malignant | macro AUC "
+             f"| macro vs {labels[0]} | accuracy (vote) |", "|" + "---|" * 9]
+    for name in names:
+        first = by_run[labels[0]].get(name)
+        for label in labels:
+            r = by_run[label].get(name)
+            if r is None or "not_run" in r:
+                lines.append(f"| {name} | {label} | {_backbone(r) + ', ' + r['mode'] if r else ''} | "
+                             + ("not run" if r else "not in this run") + " |" + " |" * 5)
+                continue
+            p = r["patient"]
+            delta = ""
+            if label != labels[0] and first is not None and "not_run" not in first:
+                delta = f"{100 * (p['macro_auc']['mean'] - first['patient']['macro_auc']['mean']):+.1f}"
+            lines.append(f"| {name} | {label} | {_backbone(r)}, {r['mode']} | "
+                         + " | ".join(_pm(p["auc"][c]) for c in CLASS_NAMES)
+                         + f" | {_pm(p['macro_auc'])} | {delta} | {_pm(p['accuracy'])} |")
     return "\n".join(lines)
 
 
@@ -169,7 +206,7 @@ def report_markdown(title: str, rows: Sequence[dict], provenance: dict, statisti
             f"## {r['name']}",
             "",
             f"modalities {', '.join(r['modalities'])}; fusion {r['fusion'] or '-'}; ArcFace "
-            f"{'yes' if r['arcface'] else 'no'}; backbone {r['backbone']} ({r['weights']}); "
+            f"{'yes' if r['arcface'] else 'no'}; backbone {_backbone(r)} ({r['weights']}); "
             f"mode {r['mode']}; {r['folds']} folds."
             + (f" Config `{r['files']['config']}`, ROC `{r['files']['roc']}`, predictions "
                f"`{r['files']['predictions']}`." if "files" in r else ""),
