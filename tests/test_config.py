@@ -135,3 +135,23 @@ def test_shipped_config_files_are_the_generated_presets(name):
     assert path.read_text() == preset_yaml(name), "regenerate: breastfusion config --write configs"
     rows = [from_dict(RunConfig, r).validate() for r in yaml.safe_load(path.read_text())["rows"]]
     assert rows == preset(name)
+
+
+def test_a_branch_is_named_by_its_own_backbone_not_the_other_modalitys():
+    """The memo key of a trained single-modality branch (training/branches.py): rows whose US
+    branches are the same network share it even when their MG backbones differ, and a backbone
+    set as the shared default or per modality names the same branch."""
+    import copy
+
+    from breastfusion.training.branches import single_modality
+
+    base = cpu_reference()
+    other_mg = copy.deepcopy(base)
+    other_mg.model.mg_backbone = dataclasses.replace(base.model.backbone, image_size=512, pooling="gem")
+    assert single_modality(base.model, Modality.US) == single_modality(other_mg.model, Modality.US)
+    assert single_modality(base.model, Modality.MG) != single_modality(other_mg.model, Modality.MG)
+    per_modality = copy.deepcopy(base)
+    per_modality.model.us_backbone = dataclasses.replace(base.model.backbone)
+    assert single_modality(base.model, Modality.US) == single_modality(per_modality.model, Modality.US)
+    us_only = single_modality(other_mg.model, Modality.US)
+    assert us_only.backbones() == {Modality.US: base.model.backbone}

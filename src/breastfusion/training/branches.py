@@ -44,6 +44,11 @@ def single_modality(model_cfg: ModelConfig, modality: Modality) -> ModelConfig:
     reset = {name: getattr(default, name) for name in FUSION_ONLY_FIELDS}
     if modality is Modality.US:
         reset["mg_slots"] = default.mg_slots
+    # the branch's own backbone, named the same whichever way the row sets it (shared `backbone`
+    # or per-modality); the other modality's backbone does not reach it
+    own = dataclasses.replace(model_cfg.backbone_for(modality))
+    reset.update(backbone=dataclasses.replace(default.backbone), mg_backbone=None, us_backbone=None)
+    reset["mg_backbone" if modality is Modality.MG else "us_backbone"] = own
     return dataclasses.replace(model_cfg, modalities=[modality.value], **reset)
 
 
