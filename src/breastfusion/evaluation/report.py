@@ -78,11 +78,16 @@ def _p(value: float) -> str:
     return "<0.001" if value < 0.001 else f"{value:.3f}"
 
 
-def _backbone(row: dict) -> str:
-    """The backbone column: per-modality backbones where the run wrote them (since 2026-12-01)."""
-    if not row.get("backbones"):
+def _backbone(row: dict, detail: bool = False) -> str:
+    """The backbone column: the backbone's name, or each branch's where they differ (runs since
+    2026-12-01 record them); `detail` adds each branch's input size, frozen stage and pooling."""
+    branches = row.get("backbones") or {}
+    if detail and branches:
+        return "; ".join(f"{m} {desc}" for m, desc in branches.items())
+    names = {m: desc.split()[0] for m, desc in branches.items()}
+    if set(names.values()) <= {row["backbone"]}:
         return row["backbone"]
-    return "; ".join(f"{m} {desc}" for m, desc in row["backbones"].items())
+    return "; ".join(f"{m} {name}" for m, name in names.items())
 
 
 def _views(row: dict) -> str:
@@ -124,14 +129,14 @@ def side_by_side_markdown(runs: dict[str, Sequence[dict]]) -> str:
         for label in labels:
             r = by_run[label].get(name)
             if r is None or "not_run" in r:
-                lines.append(f"| {name} | {label} | {_backbone(r) + ', ' + r['mode'] if r else ''} | "
+                lines.append(f"| {name} | {label} | {_backbone(r, True) + ', ' + r['mode'] if r else ''} | "
                              + ("not run" if r else "not in this run") + " |" + " |" * 5)
                 continue
             p = r["patient"]
             delta = ""
             if label != labels[0] and first is not None and "not_run" not in first:
                 delta = f"{100 * (p['macro_auc']['mean'] - first['patient']['macro_auc']['mean']):+.1f}"
-            lines.append(f"| {name} | {label} | {_backbone(r)}, {r['mode']} | "
+            lines.append(f"| {name} | {label} | {_backbone(r, True)}, {r['mode']} | "
                          + " | ".join(_pm(p["auc"][c]) for c in CLASS_NAMES)
                          + f" | {_pm(p['macro_auc'])} | {delta} | {_pm(p['accuracy'])} |")
     return "\n".join(lines)
@@ -206,7 +211,7 @@ def report_markdown(title: str, rows: Sequence[dict], provenance: dict, statisti
             f"## {r['name']}",
             "",
             f"modalities {', '.join(r['modalities'])}; fusion {r['fusion'] or '-'}; ArcFace "
-            f"{'yes' if r['arcface'] else 'no'}; backbone {_backbone(r)} ({r['weights']}); "
+            f"{'yes' if r['arcface'] else 'no'}; backbone {_backbone(r, True)} ({r['weights']}); "
             f"mode {r['mode']}; {r['folds']} folds."
             + (f" Config `{r['files']['config']}`, ROC `{r['files']['roc']}`, predictions "
                f"`{r['files']['predictions']}`." if "files" in r else ""),
