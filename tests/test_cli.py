@@ -149,7 +149,8 @@ def _fake_run(folder, macro: float, rows=("single US", "concat MM"), not_run=())
     out = []
     for name in rows:
         row = {"name": name, "backbone": "efficientnet_lite0", "mode": "partial",
-               "backbones": {"US": "efficientnet_lite0 224 px, frozen layer3, avg pooling"}}
+               "backbones": {"US": {"name": "efficientnet_lite0", "image_size": 224, "frozen": "layer3",
+                                    "pooling": "avg"}}}
         if name in not_run:
             row["not_run"] = "no weights"
         else:

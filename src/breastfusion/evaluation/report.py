@@ -47,8 +47,8 @@ def describe_row(cfg) -> dict:
         "mg_slots": list(m.mg_slots) if "MG" in m.modalities else [],
         "backbone": m.backbone.name,
         # each branch's backbone as used (per-modality backbones may differ from `backbone`)
-        "backbones": {mod.value: f"{bb.name} {bb.image_size} px, frozen {bb.frozen}, {bb.pooling} pooling"
-                      for mod, bb in m.backbones().items()},
+        "backbones": {mod.value: {"name": bb.name, "image_size": bb.image_size, "frozen": bb.frozen,
+                                  "pooling": bb.pooling} for mod, bb in m.backbones().items()},
         "weights": m.backbone.weights,
         "mode": t.mode,
         "folds": cfg.cv.folds,
@@ -83,11 +83,11 @@ def _backbone(row: dict, detail: bool = False) -> str:
     2026-12-01 record them); `detail` adds each branch's input size, frozen stage and pooling."""
     branches = row.get("backbones") or {}
     if detail and branches:
-        return "; ".join(f"{m} {desc}" for m, desc in branches.items())
-    names = {m: desc.split()[0] for m, desc in branches.items()}
-    if set(names.values()) <= {row["backbone"]}:
+        return "; ".join(f"{m} {b['name']} {b['image_size']} px, frozen {b['frozen']}, {b['pooling']} pooling"
+                         for m, b in branches.items())
+    if {b["name"] for b in branches.values()} <= {row["backbone"]}:
         return row["backbone"]
-    return "; ".join(f"{m} {name}" for m, name in names.items())
+    return "; ".join(f"{m} {b['name']}" for m, b in branches.items())
 
 
 def _views(row: dict) -> str:
