@@ -6,7 +6,7 @@ as `breastfusion.config.override`). A variant is trained on the first ``--folds`
 (macro AUC of the fold's 20% test split; never the validation fold). The validation folds'
 patient AUC is recorded beside it, for the record only: settings are chosen on the test
 splits. Every run is appended to ``bench/results/search.jsonl`` (run output, not committed)
-and ``docs/results/search.md`` is rewritten from it.
+and its row is appended to the log table of ``docs/results/search.md``, the record.
 
     python bench/search.py --data busi --variant us-lite0-224-l3
     python bench/search.py --data busi --variant NAME --set train.lr=1e-4 --label lr1e-4
@@ -129,21 +129,27 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     with open(RESULTS / "search.jsonl", "a") as fh:
         fh.write(json.dumps(entry) + "\n")
-    write_doc()
+    write_doc(entry)
 
 
-def write_doc() -> None:
-    entries = [json.loads(line) for line in (RESULTS / "search.jsonl").read_text().splitlines() if line.strip()]
+MARKER = "<!-- search:log -->"
+HEADER = ["| data | run | row | overrides of table3-cpu-frozen128 (the first CPU preset) | folds "
+          "| test-split macro AUC (selects) | validation patient macro AUC (reported only) | time | commit |",
+          "|---|---|---|---|---|---|---|---|---|"]
+
+
+def write_doc(entry: dict) -> None:
+    """Append the run's row to the log table of docs/results/search.md. The doc is the record of
+    the whole search (the jsonl beside the runs holds the detail but is run output, and a fresh
+    checkout has none), so rows are only ever added, never rebuilt from the jsonl."""
     doc = ROOT / "docs" / "results" / "search.md"
-    head, marker = doc.read_text().split("<!-- search:log -->")[0] if doc.is_file() else "", "<!-- search:log -->"
-    lines = [marker, "", "| data | run | row | overrides of table3-cpu-frozen128 (the first CPU preset) | folds "
-             "| test-split macro AUC (selects) | validation patient macro AUC (reported only) | time | commit |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for e in entries:
-        lines.append(f"| {e['data']} | {e['label']} | {e['row']} | {'<br>'.join(e['overrides']) or '(none)'} "
-                     f"| {len(e['folds'])} | {100 * e['test_score']:.1f} | {100 * e['val_patient_macro_auc']:.1f} "
-                     f"| {e['seconds']:.0f} s | {e['commit'][:7]} |")
-    doc.write_text(head + "\n".join(lines) + "\n")
+    text = doc.read_text() if doc.is_file() else ""
+    if MARKER not in text:
+        text = text.rstrip("\n") + f"\n\n{MARKER}\n\n" + "\n".join(HEADER) + "\n"
+    row = (f"| {entry['data']} | {entry['label']} | {entry['row']} | {'<br>'.join(entry['overrides']) or '(none)'} "
+           f"| {len(entry['folds'])} | {100 * entry['test_score']:.1f} | {100 * entry['val_patient_macro_auc']:.1f} "
+           f"| {entry['seconds']:.0f} s | {entry['commit'][:7]} |")
+    doc.write_text(text.rstrip("\n") + "\n" + row + "\n")
 
 
 if __name__ == "__main__":

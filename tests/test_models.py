@@ -245,3 +245,26 @@ def test_spatial_attention_pool_is_a_weighted_mean_over_cells_blind_to_their_ord
     one = torch.zeros(1, 16, 4, 5)
     one[0, :, 2, 3] = 5.0  # one distinct cell: its weight differs from the others'
     assert att.weights(one)[0, 2, 3] != att.weights(one)[0, 0, 0]
+
+
+def test_attention_over_larger_cells_weighs_averaged_tiles():
+    """attention_cell=k: attention weighs k x k averaged tiles (a partial last tile averaged over
+    what it holds), i.e. the same attention applied to the average-pooled map; the backbone
+    config reaches the pool."""
+    from breastfusion.config import BackboneConfig
+    from breastfusion.models.attention import SpatialAttentionPool
+    from breastfusion.models.backbones import build_backbone
+
+    torch.manual_seed(0)
+    fine = SpatialAttentionPool(16, hidden=8)
+    coarse = SpatialAttentionPool(16, hidden=8, cell=2)
+    coarse.load_state_dict(fine.state_dict())
+    fmap = torch.randn(2, 16, 5, 4)
+    tiles = torch.stack([fmap[:, :, 0:2].mean((2,)), fmap[:, :, 2:4].mean((2,)), fmap[:, :, 4]], 2)
+    tiles = torch.stack([tiles[..., 0:2].mean(-1), tiles[..., 2:4].mean(-1)], -1)  # (2, 16, 3, 2)
+    assert coarse.weights(fmap).shape == (2, 3, 2)
+    torch.testing.assert_close(coarse(fmap), fine(tiles))
+    assert not torch.allclose(coarse(fmap), fine(fmap))
+    bb = build_backbone(BackboneConfig(name="efficientnet_lite0", weights="none", pooling="attention",
+                                       attention_cell=2, image_size=64))
+    assert bb.attention_pool.cell == 2

@@ -35,24 +35,34 @@ class SpatialAttentionPool(nn.Module):
     receptive field of a tile of the image) is a view in the sense of ViewAttentionPool, scored
     and weighted by the same function. Multiple-instance learning over tiles (Ilse et al. 2018),
     for findings that cover a few cells of a large image. At initialisation the scores are
-    nearly equal: it starts as average pooling."""
+    nearly equal: it starts as average pooling.
 
-    def __init__(self, dim: int, hidden: int = 128):
+    `cell` > 1: a cell is the average of k x k map positions (a side not divisible by k keeps its
+    last, partial cell), so attention weighs fewer, larger tiles."""
+
+    def __init__(self, dim: int, hidden: int = 128, cell: int = 1):
         super().__init__()
         self.cells = ViewAttentionPool(dim, hidden)
+        self.cell = int(cell)
+
+    def _grid(self, feature_map: torch.Tensor) -> torch.Tensor:
+        if self.cell > 1:
+            return F.avg_pool2d(feature_map, self.cell, ceil_mode=True)
+        return feature_map
+
+    def _attend(self, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cells = grid.flatten(2).transpose(1, 2)  # (B, h*w, C)
+        mask = torch.ones(cells.shape[:2], dtype=torch.bool, device=cells.device)
+        return self.cells(cells, mask)
 
     def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, C)."""
-        cells = feature_map.flatten(2).transpose(1, 2)  # (B, H*W, C)
-        mask = torch.ones(cells.shape[:2], dtype=torch.bool, device=cells.device)
-        pooled, _ = self.cells(cells, mask)
-        return pooled
+        return self._attend(self._grid(feature_map))[0]
 
     def weights(self, feature_map: torch.Tensor) -> torch.Tensor:
-        """The attention each cell gets, (B, H, W), summing to 1 per image."""
-        cells = feature_map.flatten(2).transpose(1, 2)
-        mask = torch.ones(cells.shape[:2], dtype=torch.bool, device=cells.device)
-        return self.cells(cells, mask)[1].view(feature_map.shape[0], *feature_map.shape[2:])
+        """The attention each cell gets, (B, h, w) with h = ceil(H / cell), summing to 1 per image."""
+        grid = self._grid(feature_map)
+        return self._attend(grid)[1].view(grid.shape[0], *grid.shape[2:])
 
 
 class CrossModalAttention(nn.Module):

@@ -95,14 +95,16 @@ class Backbone(nn.Module):
     later stages and the pooling, and tail(trunk(x, frozen)) == forward(x)."""
 
     def __init__(self, name: str, net: nn.Module, out_dim: int, stages: dict[str, list[nn.Module]],
-                 cam_layer: nn.Module, mean, std, steps: Steps, pooling: str = "avg", gem_p: float = 3.0):
+                 cam_layer: nn.Module, mean, std, steps: Steps, pooling: str = "avg", gem_p: float = 3.0,
+                 attention_cell: int = 1):
         super().__init__()
         self.name = name
         self.net = net
         self.pooling, self.gem_p = pooling, float(gem_p)
         self.out_dim = out_dim * (2 if pooling == Pooling.AVGMAX else 1)
         # learned pooling (outside `net`: ImageNet weights do not have it; no stage freezes it)
-        self.attention_pool = SpatialAttentionPool(out_dim) if pooling == Pooling.ATTENTION else None
+        self.attention_pool = (SpatialAttentionPool(out_dim, cell=attention_cell)
+                               if pooling == Pooling.ATTENTION else None)
         self._stages = stages
         self._steps = steps
         if [s for s, _ in steps if s not in stages]:
@@ -204,7 +206,8 @@ class Backbone(nn.Module):
 
 def build_backbone(cfg: BackboneConfig) -> Backbone:
     """Build, load weights, freeze. Raises WeightsError when weights cannot be had offline."""
-    build = functools.partial(_ARCHITECTURES[cfg.name], pooling=cfg.pooling, gem_p=cfg.gem_p)
+    build = functools.partial(_ARCHITECTURES[cfg.name], pooling=cfg.pooling, gem_p=cfg.gem_p,
+                              attention_cell=cfg.attention_cell)
     if cfg.weights in (Weights.NONE, "", None):
         # No pretrained weights: the architecture's own initialisation under a FIXED seed,
         # so that "weights: none" names one network (cached features, saved heads and
@@ -231,7 +234,7 @@ def _resnet_stem(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return net.maxpool(net.relu(net.bn1(net.conv1(x))))
 
 
-def _resnet(name: str, pooling: str = "avg", gem_p: float = 3.0) -> Backbone:
+def _resnet(name: str, **pooling) -> Backbone:
     net = getattr(torchvision.models, name)(weights=None)
     out_dim = net.fc.in_features
     net.fc = nn.Identity()
@@ -243,10 +246,10 @@ def _resnet(name: str, pooling: str = "avg", gem_p: float = 3.0) -> Backbone:
         "layer4": [net.layer4],
     }
     steps = _steps_of(net, stages, [("stem", _resnet_stem)])
-    return Backbone(name, net, out_dim, stages, net.layer4, IMAGENET_MEAN, IMAGENET_STD, steps, pooling, gem_p)
+    return Backbone(name, net, out_dim, stages, net.layer4, IMAGENET_MEAN, IMAGENET_STD, steps, **pooling)
 
 
-def _googlenet(pooling: str = "avg", gem_p: float = 3.0) -> Backbone:
+def _googlenet(**pooling) -> Backbone:
     net = torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=True,
                                        transform_input=False)
     net.fc = nn.Identity()
@@ -265,18 +268,18 @@ def _googlenet(pooling: str = "avg", gem_p: float = 3.0) -> Backbone:
              ("layer3", "inception5a"), ("layer4", "inception5b")]
     steps = [(stage, step(name)) for stage, name in order]
     return Backbone("googlenet", net, 1024, stages, net.inception5b, IMAGENET_MEAN, IMAGENET_STD, steps,
-                    pooling, gem_p)
+                    **pooling)
 
 
 def _lite_stem(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return net.stem(x)
 
 
-def _lite(name: str, pooling: str = "avg", gem_p: float = 3.0) -> Backbone:
+def _lite(name: str, **pooling) -> Backbone:
     net = EfficientNetLite(name)
     stages = net.stages()
     steps = _steps_of(net, stages, [("stem", _lite_stem)])
-    return Backbone(name, net, net.out_dim, stages, net.head, LITE_MEAN, LITE_STD, steps, pooling, gem_p)
+    return Backbone(name, net, net.out_dim, stages, net.head, LITE_MEAN, LITE_STD, steps, **pooling)
 
 
 _ARCHITECTURES = {
