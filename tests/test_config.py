@@ -1,3 +1,4 @@
+import copy
 import dataclasses
 
 import pytest
@@ -116,12 +117,21 @@ def test_recommended_cpu_preset_keeps_each_rows_meaning():
         assert names == ({"googlenet"} if name.startswith("GoogLeNet") else names - {"googlenet"}), name
         assert row.train.mode == "partial", name
     assert rows["single US"].model.backbones()[Modality.US].frozen == "layer3"
-    assert rows["single MG"].model.backbones()[Modality.MG].frozen == "all"
+    mg = rows["single MG"].model.backbones()[Modality.MG]
+    assert (mg.frozen, mg.pooling, mg.image_size) == ("all", "attention", 512)
+    first = {r.name: r for r in preset("table3-cpu-mg128")}
+    assert first.keys() == rows.keys()
+    for name, row in first.items():  # the first published form: only the MG backbone differs
+        edited = copy.deepcopy(rows[name])
+        edited.model.mg_backbone = row.model.mg_backbone
+        assert to_dict(edited) == to_dict(row), name
+    assert first["single MG"].model.backbones()[Modality.MG].image_size == 128
     old = {r.name: r for r in preset("table3-cpu-frozen128")}
     assert old.keys() == rows.keys() and all(r.train.mode == "cached" for r in old.values())
 
 
-@pytest.mark.parametrize("name", ["demo", "table3", "table3-cpu", "table3-cpu-frozen128", "table3-cpu-partial"])
+@pytest.mark.parametrize("name", ["demo", "table3", "table3-cpu", "table3-cpu-frozen128", "table3-cpu-partial",
+                                  "table3-cpu-mg128"])
 def test_shipped_config_files_are_the_generated_presets(name):
     """configs/*.yaml are generated from the presets (`breastfusion config --write configs`), byte for
     byte, and `breastfusion experiment configs/X.yaml` runs exactly the preset."""

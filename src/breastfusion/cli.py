@@ -216,7 +216,7 @@ def validate(manifest: str, data_root: str | None) -> None:
                    "configs/ in the repository is made this way.")
 def config_cmd(preset_name: str | None, row: str | None, write_dir: str | None) -> None:
     """Print the YAML of a preset's rows (demo, table3, table3-cpu, table3-cpu-frozen128,
-    table3-cpu-partial), or write them."""
+    table3-cpu-partial, table3-cpu-mg128), or write them."""
     from .config import to_dict
     from .presets import PRESETS, preset, preset_yaml
 
