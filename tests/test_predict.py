@@ -579,3 +579,19 @@ def test_head_graphs_of_other_heads_match_pytorch(variant, tmp_path):
     got = onnx.session((tmp_path / "head.onnx").read_bytes()).run(
         None, {n: t.numpy() for n, t in zip(head.names, example, strict=True)})[0]
     np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
+def test_backbone_graph_with_attention_over_tiles_matches_pytorch(tmp_path):
+    """A partial-mode MG encoder whose pooling is attention over 2 x 2 tiles (an odd map side:
+    the last tile is partial) exports to ONNX and ONNX Runtime computes what PyTorch does."""
+    from breastfusion.models.backbones import build_backbone
+    from breastfusion.predict.onnx import _check, _Encoder, _export
+
+    torch.manual_seed(0)
+    bb = build_backbone(BackboneConfig(name="efficientnet_lite0", weights="none", frozen="all", image_size=160,
+                                       pooling="attention", attention_cell=2))
+    torch.nn.init.normal_(bb.attention_pool.cells.score[0].weight, std=0.5)  # weights far from uniform
+    enc = _Encoder(bb, TrainConfig(mode="partial")).eval()
+    assert bb.feature_map(torch.rand(1, 1, 160, 160)).shape[-1] == 5  # 5 x 5 cells -> 3 x 3 tiles
+    _export(enc, (torch.rand(2, 1, 160, 160),), ["images"], {"images": {0: "n"}}, tmp_path / "mg.onnx")
+    assert _check(enc, (torch.rand(3, 1, 160, 160),), ["images"], tmp_path / "mg.onnx") < 1e-3
