@@ -219,3 +219,27 @@ def test_fusion_leaves_frozen_branches_exactly_as_trained(tmp_path):
         test = pd.read_csv(fold_dir / "test_predictions.csv")
         again = macro_auc(test["label"].to_numpy(int), test[["p_normal", "p_benign", "p_malignant"]].to_numpy(float))
         assert abs(again - fit["best_test_score"]) < 1e-6, (again, fit["best_test_score"])
+
+
+def test_large_images_go_through_the_backbone_a_few_at_a_time_with_the_same_activations(tmp_path):
+    """A pass takes as many pixels as `batch_size` images of 224 px (never more images than
+    `batch_size`): memory stays bounded at 512 px; the activations do not depend on the batch."""
+    from breastfusion.training.features import images_per_pass
+
+    assert [images_per_pass(32, s) for s in (128, 224, 512, 1024, 4096)] == [32, 32, 6, 1, 1]
+    bb = BackboneConfig(name="resnet18", weights="none", frozen="layer2", image_size=32)
+    cfg, instances, net, cache, source, records = _setup(tmp_path, bb, 32)
+    seen = []
+    hook = net.us_backbone.net.conv1.register_forward_hook(lambda m, args, out: seen.append(len(out)))
+    us = [r for r in records if r.modality is Modality.US]
+    whole = _store(tmp_path / "whole", bb, cache, "layer2").features(us, backbone=net.us_backbone,
+                                                                      batch_size=32, progress=False)
+    assert seen == [2 * len(us)]  # (1 + 1 copy) per image, all in one pass
+    seen.clear()
+    bb_big = BackboneConfig(name="resnet18", weights="none", frozen="layer2", image_size=896)  # (sizes count)
+    store = FeatureStore(tmp_path / "small", bb_big, cache, Augment(), copies=1, stage="layer2", dtype="fp32")
+    few = store.features(us, backbone=net.us_backbone, batch_size=32, progress=False)
+    hook.remove()
+    assert max(seen) <= images_per_pass(32, 896) == 2 and len(seen) == len(us)
+    for p in whole:
+        np.testing.assert_allclose(few[p], whole[p], rtol=0, atol=1e-5)
