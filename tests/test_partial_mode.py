@@ -3,6 +3,7 @@ disk), the later stages and the heads train on those maps. It is fine-tune mode 
 frozen stages, computed in another order: same network, same logits."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -243,3 +244,19 @@ def test_large_images_go_through_the_backbone_a_few_at_a_time_with_the_same_acti
     assert max(seen) <= images_per_pass(32, 896) == 2 and len(seen) == len(us)
     for p in whole:
         np.testing.assert_allclose(few[p], whole[p], rtol=0, atol=1e-5)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads Linux's /proc/self/maps")
+def test_stored_activations_hold_no_memory_map_between_reads(tmp_path):
+    """Activations are read from the cache when indexed; no map of a cache file stays open (one
+    would count every page an epoch touched as the process's memory, once per row)."""
+    bb = BackboneConfig(name="resnet18", weights="none", frozen="layer2", image_size=32)
+    cfg, instances, net, cache, source, records = _setup(tmp_path, bb, 32)
+    us = [r for r in records if r.modality is Modality.US]
+    store = _store(tmp_path, bb, cache, "layer2")
+    acts = store.features(us, backbone=net.us_backbone, progress=False)
+    acts = _store(tmp_path, bb, cache, "layer2").features(us, progress=False)  # read back from disk
+    first = next(iter(acts.values()))
+    row, whole = first[1], np.asarray(first, dtype=np.float32)
+    assert first.shape == whole.shape and len(first) == 2 and np.array_equal(row, whole[1])
+    assert str(store.dir) not in Path("/proc/self/maps").read_text()

@@ -77,7 +77,7 @@ class FeatureInstances(_InstanceDataset):
             return torch.zeros(self.mg_shape)
         copies = self.features[path]
         k = int(rng.integers(len(copies))) if self.train else 0
-        return torch.from_numpy(np.array(copies[k], dtype=np.float32))  # a copy: the cache may be memory-mapped
+        return torch.from_numpy(np.array(copies[k], dtype=np.float32))  # a copy of the stored row
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         inst = self.instances[index]

@@ -21,8 +21,9 @@ Partial mode (`stage` set): not the pooled features but the activation maps afte
 the frozen stages (`Backbone.trunk`), shape (1 + copies, C, H, W), stored in
 `dtype` (fp16 by default: half the disk and memory; the later stages train on
 them and compute in fp32). The stage and the storage type are part of `<spec>`.
-Arrays are memory-mapped when read, so a large cohort's activations stay on
-disk until a batch needs them.
+They are `StoredArray`s: read from disk when a batch indexes them, with no memory map
+left open, so a large cohort's activations take no resident memory between batches
+(the operating system's page cache still keeps the files it has room for).
 """
 
 from __future__ import annotations
@@ -74,6 +75,31 @@ def images_per_pass(batch_size: int, image_size: int) -> int:
     return max(1, min(batch_size, int(batch_size * (REFERENCE_SIDE / image_size) ** 2)))
 
 
+class StoredArray:
+    """An activation array in the cache, read when indexed (`a[k]`, `np.asarray(a)`). Each read
+    maps the file and unmaps it again: a map held open would count every page a training epoch
+    touched as this process's memory for as long as it lives (2.4 GB for CDD-CESM's Lite2
+    512 px maps, once more for every row that prepared them again)."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...], dtype: np.dtype):
+        self.path, self.shape, self.dtype = path, tuple(shape), np.dtype(dtype)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index) -> np.ndarray:
+        mapped = np.load(self.path, mmap_mode="r", allow_pickle=False)
+        return np.array(mapped[index])  # a copy: the map closes when `mapped` goes
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        whole = self[...]
+        return whole if dtype is None else whole.astype(dtype, copy=False)
+
+
 class FeatureStore:
     def __init__(self, cache_dir: str | os.PathLike, backbone_cfg: BackboneConfig, source: PreprocessCache,
                  augment: Augment, copies: int, seed: int = 0, channels_last: bool = False,
@@ -110,7 +136,7 @@ class FeatureStore:
     def features(self, records: Sequence[ImageRecord], backbone: Backbone | None = None, batch_size: int = 32,
                  device: torch.device | str = "cpu", progress: bool = True) -> dict[str, np.ndarray]:
         """path -> (1 + copies, D) float32 array (partial mode: (1 + copies, C, H, W) activations,
-        memory-mapped) for every record preprocessing accepts."""
+        a StoredArray) for every record preprocessing accepts."""
         write_text(self.dir / "key.json", json.dumps(self.key, indent=1))  # atomic: caches are shared
         unique = []
         for rec in {r.path: r for r in records}.values():
@@ -135,7 +161,7 @@ class FeatureStore:
                         self.failed[rec.path] = "the backbone gave non-finite features for this image"
         return {r.path: loaded[r.path] for r in unique if r.path not in self.failed}  # refused: self.failed
 
-    def _load(self, rec: ImageRecord) -> np.ndarray | None:
+    def _load(self, rec: ImageRecord) -> np.ndarray | StoredArray | None:
         """A cached feature array, or None when it is unreadable, of the wrong shape or not
         finite (a corrupt cache file is recomputed, never trained on)."""
         file = self._file(rec)
@@ -150,7 +176,7 @@ class FeatureStore:
             log.warning("%s: cached features of shape %s (%s) or not finite; recomputing", file.name, arr.shape,
                         arr.dtype)
             return None
-        return arr
+        return arr if self.stage is None else StoredArray(file, arr.shape, arr.dtype)
 
     @torch.no_grad()
     def _compute(self, records: list[ImageRecord], backbone: Backbone, batch_size, device, progress) -> None:
