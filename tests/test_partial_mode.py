@@ -254,7 +254,7 @@ def test_stored_activations_hold_no_memory_map_between_reads(tmp_path):
     cfg, instances, net, cache, source, records = _setup(tmp_path, bb, 32)
     us = [r for r in records if r.modality is Modality.US]
     store = _store(tmp_path, bb, cache, "layer2")
-    acts = store.features(us, backbone=net.us_backbone, progress=False)
+    store.features(us, backbone=net.us_backbone, progress=False)  # computed and written
     acts = _store(tmp_path, bb, cache, "layer2").features(us, progress=False)  # read back from disk
     first = next(iter(acts.values()))
     row, whole = first[1], np.asarray(first, dtype=np.float32)
