@@ -17,7 +17,7 @@ from breastfusion.records import ImageRecord
 from breastfusion.training.data import FeatureInstances
 from breastfusion.training.distributed import Distributed, distributed_eval_loader, distributed_loader
 from breastfusion.training.loop import fit, predict_logits
-from breastfusion.vocab import LABELS, Modality, Side
+from breastfusion.vocab import LABELS, MG_SLOTS, Modality, Side
 
 from conftest import tiny_model_config
 
@@ -108,7 +108,7 @@ def _data():
         path = f"P{i}/us"
         features[path] = (rng.normal(size=(2, DIM)) - y).astype(np.float32)
         us = ImageRecord(f"P{i}", Side.LEFT, Modality.US, path)
-        instances.append(Instance(f"P{i}#us", f"P{i}", "", LABELS[y], tuple(mg), us))
+        instances.append(Instance(f"P{i}#us", f"P{i}", "", LABELS[y], tuple(mg), us, MG_SLOTS))
     return instances[:36], instances[36:], features
 
 

@@ -558,8 +558,9 @@ def test_quantisation_leaves_no_handler_on_the_root_logger():
 
 
 @pytest.mark.parametrize("variant", [dict(head="plain", arcface=False), dict(fusion="cross_attention"),
-                                     dict(modalities=["MG"]), dict(modalities=["US"])],
-                         ids=["plain", "cross-attention", "MG-only", "US-only"])
+                                     dict(modalities=["MG"]), dict(modalities=["US"]), dict(bilateral=True),
+                                     dict(head="plain", arcface=False, bilateral=True)],
+                         ids=["plain", "cross-attention", "MG-only", "US-only", "bilateral", "plain-bilateral"])
 def test_head_graphs_of_other_heads_match_pytorch(variant, tmp_path):
     """The plain head, cross-attention fusion and single-modality heads as ONNX graphs (the
     bundle above has the paper's concat head)."""
@@ -571,9 +572,10 @@ def test_head_graphs_of_other_heads_match_pytorch(variant, tmp_path):
     head = _Head(build_head(cfg, 24)).eval()
     gen = torch.Generator().manual_seed(0)
     dims = dict.fromkeys(cfg.modality_set, 24)
-    _export(head, _head_example(cfg.modality_set, 4, dims, 2, 3, gen), head.names,
+    views = len(cfg.slots)
+    _export(head, _head_example(cfg.modality_set, views, dims, 2, 3, gen), head.names,
             {n: {0: "n"} for n in head.names}, tmp_path / "head.onnx")
-    example = _head_example(cfg.modality_set, 4, dims, 3, 7, gen)
+    example = _head_example(cfg.modality_set, views, dims, 3, 7, gen)
     with torch.no_grad():
         ref = head(*example).numpy()
     got = onnx.session((tmp_path / "head.onnx").read_bytes()).run(

@@ -90,6 +90,9 @@ class ModelConfig:
     # MG branch input slots, "VIEW-KIND"; the paper's "without C-View" ablation
     # keeps only the two 2D slots.
     mg_slots: list[str] = field(default_factory=lambda: [s.name for s in MG_SLOTS])
+    # Our extension (models/bilateral.py): the MG branch also sees the same views of the woman's
+    # other breast and compares each view with its counterpart there. false: the paper's branch.
+    bilateral: bool = False
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     # Per-modality backbones (our choice): null = `backbone`. Mammographic findings cover a
     # few percent of the breast and want a larger input than ultrasound lesions.
@@ -126,7 +129,10 @@ class ModelConfig:
 
     @property
     def slots(self) -> tuple[MGSlot, ...]:
-        return tuple(MGSlot.parse(s) for s in self.mg_slots)
+        """The MG branch's input positions: `mg_slots`, then, for a bilateral branch, the same
+        slots of the other breast in the same order."""
+        own = tuple(MGSlot.parse(s) for s in self.mg_slots)
+        return (*own, *(s.of_other_breast for s in own)) if self.bilateral else own
 
     @property
     def multimodal(self) -> bool:
@@ -213,6 +219,9 @@ class RunConfig:
             problems.append(f"modalities must be MG, US or both, got {m.modalities}")
         if Modality.MG in mods and not slots:
             problems.append("an MG model needs at least one mg_slot")
+        if any(MGSlot.parse(n).contralateral for n in m.mg_slots):
+            problems.append("mg_slots name the breast's own views; the other breast's come with "
+                            "model.bilateral: true")
         if m.head == Head.PLAIN and m.arcface:
             problems.append("the plain (Habib) head has no ArcFace layer: set arcface: false")
         if m.embedding_dim % m.attention_tokens:

@@ -48,6 +48,10 @@ class Side(_Named):
     LEFT = "L"
     RIGHT = "R"
 
+    @property
+    def opposite(self) -> Side:
+        return Side.RIGHT if self is Side.LEFT else Side.LEFT
+
 
 class View(_Named):
     CC = "CC"
@@ -65,10 +69,14 @@ class Kind(_Named):
 
 
 class MGSlot(tuple):
-    """One of the MG branch's input positions: a (view, kind) pair."""
+    """One of the MG branch's input positions: a (view, kind) pair of the breast itself, or,
+    `contralateral`, the same view and kind of the woman's other breast (a bilateral MG branch,
+    `model.bilateral`; models/bilateral.py)."""
 
-    def __new__(cls, view: View, kind: Kind):
-        return super().__new__(cls, (View(view), Kind(kind)))
+    CONTRALATERAL = "contralateral"
+
+    def __new__(cls, view: View, kind: Kind, contralateral: bool = False):
+        return super().__new__(cls, (View(view), Kind(kind), bool(contralateral)))
 
     @property
     def view(self) -> View:
@@ -79,13 +87,31 @@ class MGSlot(tuple):
         return self[1]
 
     @property
+    def contralateral(self) -> bool:
+        return self[2]
+
+    @property
+    def own(self) -> MGSlot:
+        """The same view and kind of the breast itself."""
+        return MGSlot(self.view, self.kind)
+
+    @property
+    def of_other_breast(self) -> MGSlot:
+        return MGSlot(self.view, self.kind, contralateral=True)
+
+    @property
     def name(self) -> str:
-        return f"{self.view.value}-{self.kind.value}"
+        own = f"{self.view.value}-{self.kind.value}"
+        return f"{own}-{self.CONTRALATERAL}" if self.contralateral else own
 
     @classmethod
     def parse(cls, text: str) -> MGSlot:
-        view, _, kind = str(text).partition("-")
-        return cls(View.parse(view), Kind.parse(kind))
+        text = str(text).strip()
+        other = text.lower().endswith("-" + cls.CONTRALATERAL)
+        if other:
+            text = text[: -len(cls.CONTRALATERAL) - 1]
+        view, _, kind = text.partition("-")
+        return cls(View.parse(view), Kind.parse(kind), other)
 
 
 # The paper's four MG images per breast, in the MG branch's input order.

@@ -137,7 +137,7 @@ def explain_row(row_dir: str | os.PathLike, manifest: Manifest, modality: Modali
             inst = by_id.get(iid)
             if inst is None or inst.label is Label.NORMAL:
                 continue
-            recs = [inst.us] if modality is Modality.US else [r for r in inst.mg if r is not None]
+            recs = [inst.us] if modality is Modality.US else [r for _, r in inst.own_mg]
             for rec in recs:
                 if rec is None:
                     continue
@@ -150,13 +150,13 @@ def explain_row(row_dir: str | os.PathLike, manifest: Manifest, modality: Modali
                     continue
                 goal = ABNORMAL if target == ABNORMAL else inst.label.index
                 exp = explain_instance(net, instance_batch(inst, source), slots, class_index=goal, align=align)
-                heat = exp.us if modality is Modality.US else exp.mg[_slot_of(inst, rec, slots)]
+                heat = exp.us if modality is Modality.US else exp.mg[_slot_of(inst, rec)]
                 out.append(Explained(score(Path(rec.path).name, inst.label.value, heat, lesion), img, heat, lesion))
     return out
 
 
-def _slot_of(inst, rec, slots) -> str:
-    for slot, r in zip(slots, inst.mg, strict=False):
+def _slot_of(inst, rec) -> str:
+    for slot, r in inst.own_mg:
         if r is rec:
             return slot.name
     raise KeyError(rec.path)

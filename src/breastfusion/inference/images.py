@@ -78,9 +78,10 @@ def without_failed(instances: list[Instance], failed: dict[str, str], skipped: C
         if inst.us is not None and inst.us.path in failed:
             skipped["instance: US image refused by preprocessing"] += 1
             continue
-        mg = tuple(None if r is not None and r.path in failed else r for r in inst.mg)
-        if inst.mg and not any(mg):
+        kept = dataclasses.replace(inst, mg=tuple(None if r is not None and r.path in failed else r
+                                                  for r in inst.mg))
+        if inst.mg and not kept.own_mg:
             skipped["instance: every MG image refused by preprocessing"] += 1
             continue
-        out.append(dataclasses.replace(inst, mg=mg))
+        out.append(kept)
     return out

@@ -16,6 +16,7 @@ from torch import nn
 
 from .arcface import ArcFaceEmbedding
 from .attention import ViewAttentionPool
+from .bilateral import bilateral_views
 
 
 def mlp(dims: Sequence[int], slope: float, dropout: float = 0.0, last_activation: bool = True) -> nn.Sequential:
@@ -52,15 +53,22 @@ def embedding_layer(in_dim: int, out_dim: int, arcface: bool, slope: float, scal
 
 
 class MGBranch(nn.Module):
+    """`bilateral`: the views come with the same views of the other breast (models/bilateral.py)."""
+
     def __init__(self, feat_dim: int, dims: Sequence[int], attention_dim: int, emb_dim: int,
-                 arcface: bool, slope: float, dropout: float = 0.0, scale: float = 1.0):
+                 arcface: bool, slope: float, dropout: float = 0.0, scale: float = 1.0,
+                 bilateral: bool = False):
         super().__init__()
-        self.view_mlp = mlp([feat_dim, *dims], slope, dropout)
+        self.bilateral = bilateral
+        self.view_mlp = mlp([feat_dim * (2 if bilateral else 1), *dims], slope, dropout)
         self.pool = ViewAttentionPool(dims[-1], attention_dim)
         self.embed = embedding_layer(dims[-1], emb_dim, arcface, slope, scale)
 
     def forward(self, view_feats: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, V, D) features and (B, V) mask -> (B, emb) embedding and (B, V) view weights."""
+        """(B, V, D) features and (B, V) mask -> (B, emb) embedding and (B, V) view weights
+        (bilateral: (B, 2V, D) and (B, 2V) in, weights of the breast's own V views out)."""
+        if self.bilateral:
+            view_feats, mask = bilateral_views(view_feats, mask)
         pooled, weights = self.pool(self.view_mlp(view_feats), mask)
         return self.embed(pooled), weights
 

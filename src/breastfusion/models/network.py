@@ -19,6 +19,7 @@ from ..vocab import N_CLASSES, Modality
 from .arcface import ArcMarginHead
 from .attention import l2_normalize
 from .backbones import Backbone, build_backbone, pooled_dim
+from .bilateral import bilateral_views
 from .branches import MGBranch, USBranch, mlp
 from .fusion import ConcatFusion, CrossAttentionFusion
 
@@ -33,19 +34,24 @@ class NetOutput:
 
 class PlainFusionHead(nn.Module):
     """Habib et al. 2020's head: backbone features of each modality (MG views averaged over
-    the present ones) concatenated, one linear layer, 3 logits; no attention, no ArcFace."""
+    the present ones) concatenated, one linear layer, 3 logits; no attention, no ArcFace.
+    A bilateral model averages each view's [own, own - other] (models/bilateral.py)."""
 
     def __init__(self, cfg: ModelConfig, feat_dims: dict[Modality, int] | int):
         super().__init__()
         self.cfg = cfg
         self.modalities = cfg.modality_set
         feat_dims = per_modality(cfg, feat_dims)
+        if Modality.MG in feat_dims and cfg.bilateral:
+            feat_dims[Modality.MG] *= 2
         self.classifier = nn.Linear(sum(feat_dims[m] for m in self.modalities), N_CLASSES)
 
     def forward(self, mg_feat: torch.Tensor | None = None, mg_mask: torch.Tensor | None = None,
                 us_feat: torch.Tensor | None = None, target: torch.Tensor | None = None) -> NetOutput:
         parts = []
         if Modality.MG in self.modalities:
+            if self.cfg.bilateral:
+                mg_feat, mg_mask = bilateral_views(mg_feat, mg_mask)
             weights = mg_mask.to(mg_feat.dtype)
             weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(1.0)
             mg_feat = torch.where(mg_mask.unsqueeze(-1).to(torch.bool), mg_feat, torch.zeros_like(mg_feat))
@@ -79,7 +85,7 @@ class FusionHead(nn.Module):
         self.mg = self.us = None
         if Modality.MG in self.modalities:
             self.mg = MGBranch(feat_dims[Modality.MG], cfg.branch_dims, cfg.view_attention_dim, emb, cfg.arcface,
-                               slope, drop, cfg.arcface_scale)
+                               slope, drop, cfg.arcface_scale, cfg.bilateral)
         if Modality.US in self.modalities:
             self.us = USBranch(feat_dims[Modality.US], cfg.branch_dims, emb, cfg.arcface, slope, drop,
                                cfg.arcface_scale)

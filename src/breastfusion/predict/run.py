@@ -258,7 +258,7 @@ def _nothing_predicted(pred: Prediction, cfg) -> None:
     if pred.failed:
         case, reason = next(iter(pred.failed.items()))
         raise CohortError(f"no patient could be predicted; {len(pred.failed)} failed, first {case}: {reason}")
-    raise CohortError(f"no patient has the images this model needs ({', '.join(cfg.model.mg_slots)} "
+    raise CohortError(f"no patient has the images this model needs (one of {', '.join(cfg.model.mg_slots)} "
                       f"for MG, one US image for US): {dict(pred.skipped)}")
 
 
@@ -297,14 +297,13 @@ def _one_line(exc: BaseException) -> str:
 def _predicted(instances: list[Instance], bundle: Bundle, source: ImageSource, dev: torch.device, heatmaps: bool,
                progress: bool, skipped: Counter, refused: dict[str, str],
                notes: dict[str, tuple[str, ...]], runtime: str = "torch") -> Prediction:
-    cfg = bundle.config
     probs = bundle.probabilities(ensemble_logits(bundle, instances, source, dev, runtime))
     table = pd.DataFrame({"instance_id": [i.instance_id for i in instances],
                           "case_id": [i.case_id for i in instances],
                           "us_image": [Path(i.us.path).name if i.us is not None else "" for i in instances],
                           "label": -1})
     table[PROBA_COLUMNS] = probs
-    table["notes"] = ["; ".join(_image_notes(i, cfg.model.mg_slots, notes)) for i in instances]
+    table["notes"] = ["; ".join(_image_notes(i, notes)) for i in instances]
     by_vote, by_mean = aggregate(table, "vote"), aggregate(table, "mean")
     points = bundle.points
     patients = by_mean[["case_id", *PROBA_COLUMNS, "n_instances"]].copy()
@@ -329,24 +328,24 @@ def _predicted(instances: list[Instance], bundle: Bundle, source: ImageSource, d
                                    {c: float(probs[k, j]) for j, c in enumerate(CLASS_NAMES)})
                        for k in by_case[row["case_id"]]],
             panels=panels,
-            warnings=_warnings(items, cfg.model.mg_slots, notes),
+            warnings=_warnings(items, notes),
         ))
     return Prediction(table.drop(columns="label"), patients, results, skipped, refused, notes)
 
 
-def _image_notes(inst: Instance, slots: list[str], notes: dict[str, tuple[str, ...]]) -> list[str]:
+def _image_notes(inst: Instance, notes: dict[str, tuple[str, ...]]) -> list[str]:
     """One instance's flags: empty MG views and what preprocessing noted on its images."""
-    out = [f"{slot} view missing" for slot, rec in zip(slots, inst.mg, strict=False) if rec is None]
-    named = [(slot, rec) for slot, rec in zip(slots, inst.mg, strict=False) if rec is not None]
+    out = [f"{slot.name} view missing" for slot, rec in zip(inst.slots, inst.mg, strict=True) if rec is None]
+    named = [(slot.name, rec) for slot, rec in zip(inst.slots, inst.mg, strict=True) if rec is not None]
     if inst.us is not None:
         named.append(("US", inst.us))
     out += [f"{name}: {NOTES[n]}" for name, rec in named for n in notes.get(rec.path, ())]
     return out
 
 
-def _warnings(items: list[Instance], slots: list[str], notes: dict[str, tuple[str, ...]]) -> list[str]:
+def _warnings(items: list[Instance], notes: dict[str, tuple[str, ...]]) -> list[str]:
     """A patient's flags over all its instances, each once (the MG views are in every instance)."""
-    return list(dict.fromkeys(w for inst in items for w in _image_notes(inst, slots, notes)))
+    return list(dict.fromkeys(w for inst in items for w in _image_notes(inst, notes)))
 
 
 def _panels(bundle: Bundle, items: list[Instance], source: ImageSource, dev, target: int) -> list[ImagePanel]:

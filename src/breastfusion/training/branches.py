@@ -43,7 +43,7 @@ def single_modality(model_cfg: ModelConfig, modality: Modality) -> ModelConfig:
     default = ModelConfig()
     reset = {name: getattr(default, name) for name in FUSION_ONLY_FIELDS}
     if modality is Modality.US:
-        reset["mg_slots"] = default.mg_slots
+        reset["mg_slots"], reset["bilateral"] = default.mg_slots, default.bilateral
     # the branch's own backbone, named the same whichever way the row sets it (shared `backbone`
     # or per-modality); the other modality's backbone does not reach it
     own = dataclasses.replace(model_cfg.backbone_for(modality))
@@ -55,7 +55,7 @@ def single_modality(model_cfg: ModelConfig, modality: Modality) -> ModelConfig:
 def only(instances: list[Instance], modality: Modality) -> list[Instance]:
     """The single-modality instances hidden in multimodal ones (MG: one per case)."""
     if modality is Modality.US:
-        return [dataclasses.replace(i, mg=()) for i in instances]
+        return [dataclasses.replace(i, mg=(), slots=()) for i in instances]
     seen, out = set(), []
     for inst in instances:
         if inst.case_id not in seen:
