@@ -119,10 +119,17 @@ def test_recommended_cpu_preset_keeps_each_rows_meaning():
     assert rows["single US"].model.backbones()[Modality.US].frozen == "layer3"
     mg = rows["single MG"].model.backbones()[Modality.MG]
     assert (mg.frozen, mg.pooling, mg.image_size) == ("all", "attention", 512)
+    for name, row in rows.items():  # bilateral MG branch, except in Habib's GoogLeNet baseline
+        assert row.model.bilateral is (not name.startswith("GoogLeNet")), name
+    unilateral = {r.name: r for r in preset("table3-cpu-unilateral")}
     first = {r.name: r for r in preset("table3-cpu-mg128")}
-    assert first.keys() == rows.keys()
-    for name, row in first.items():  # the first published form: only the MG backbone differs
+    assert first.keys() == rows.keys() == unilateral.keys()
+    for name, row in unilateral.items():  # the form before the bilateral branch: only that differs
         edited = copy.deepcopy(rows[name])
+        edited.model.bilateral = False
+        assert to_dict(edited) == to_dict(row), name
+    for name, row in first.items():  # the first published form: only the MG backbone differs
+        edited = copy.deepcopy(unilateral[name])
         edited.model.mg_backbone = row.model.mg_backbone
         assert to_dict(edited) == to_dict(row), name
     assert first["single MG"].model.backbones()[Modality.MG].image_size == 128
@@ -131,7 +138,7 @@ def test_recommended_cpu_preset_keeps_each_rows_meaning():
 
 
 @pytest.mark.parametrize("name", ["demo", "table3", "table3-cpu", "table3-cpu-frozen128", "table3-cpu-partial",
-                                  "table3-cpu-mg128"])
+                                  "table3-cpu-mg128", "table3-cpu-unilateral"])
 def test_shipped_config_files_are_the_generated_presets(name):
     """configs/*.yaml are generated from the presets (`breastfusion config --write configs`), byte for
     byte, and `breastfusion experiment configs/X.yaml` runs exactly the preset."""
