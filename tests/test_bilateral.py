@@ -15,7 +15,7 @@ from breastfusion.inference.instances import build_instances
 from breastfusion.models.bilateral import bilateral_views
 from breastfusion.models.network import BreastFusionNet
 from breastfusion.predict.bundle import export_bundle, load_bundle
-from breastfusion.predict.run import predict
+from breastfusion.predict.run import predict, predict_batch
 from breastfusion.records import ImageRecord, read_manifest, write_manifest
 from breastfusion.vocab import LABELS, Kind, MGSlot, Modality, Side, View
 
@@ -127,6 +127,12 @@ def test_a_bilateral_mg_row_trains_predicts_and_exports_to_onnx(tmp_path):
     panels = {r.case_id: [p.title for p in r.panels] for r in pred.results}
     assert panels["P02:L"] == ["CC-2D", "MLO-2D", "CC-2D-contralateral", "MLO-2D-contralateral"]
     assert panels["P00:L"] == ["CC-2D", "MLO-2D"]
+    # one breast at a time (chunks of 1 patient-side): each still finds the other breast
+    streamed = predict_batch(manifest, bundle, tmp_path / "streamed", cache_dir=train.cache_dir, heatmaps=False,
+                             progress=False, chunk_size=1)
+    streamed = streamed.instances.set_index("instance_id").loc[pred.instances["instance_id"]]
+    np.testing.assert_allclose(streamed[PROBA_COLUMNS].to_numpy(float),
+                               pred.instances[PROBA_COLUMNS].to_numpy(float), atol=1e-6)
     export_onnx(bundle_dir)
     onnx_bundle = load_bundle(bundle_dir, networks=False)
     instances, _ = build_instances(manifest.cases().values(), model.modality_set, model.slots)

@@ -59,7 +59,7 @@ def cpu_recommended(epochs: int = 15, copies: int = 3) -> RunConfig:
     earlier Lite0 128 px average (attention over 8 x 8 tiles: 76.0; over the 16 x 16 single
     cells: 76.3 at five times the training time). The MG branch is bilateral (models/bilateral.py):
     each view is also compared with the same view of the other breast: on the same 10 test splits
-    79.0 against 76.2 for the branch that sees one breast (better on 8 of 10 splits)."""
+    79.0 against 76.2 for the branch that sees one breast (better on 9 of 10 splits)."""
     us = BackboneConfig(name="efficientnet_lite0", weights="imagenet", frozen="layer3", image_size=224)
     mg = BackboneConfig(name="efficientnet_lite2", weights="imagenet", frozen="all", image_size=512,
                         pooling="attention", attention_cell=4)

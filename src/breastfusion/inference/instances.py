@@ -51,13 +51,14 @@ def modality_images(items: Iterable[Instance], modality: Modality) -> list[Image
     return list(found.values())
 
 
-def build_instances(cases: Iterable[Case], modalities: Sequence[Modality],
-                    slots: Sequence[MGSlot]) -> tuple[list[Instance], Counter]:
+def build_instances(cases: Iterable[Case], modalities: Sequence[Modality], slots: Sequence[MGSlot],
+                    context: Iterable[Case] | None = None) -> tuple[list[Instance], Counter]:
     """Instances for a model of these modalities; also counts of cases left out, by reason.
-    A contralateral slot is filled from the case of the same patient's other breast, when
-    `cases` hold it; a case needs one MG image of its own."""
+    A contralateral slot is filled from the case of the same patient's other breast, looked up
+    in `context` (default: `cases`; a caller that predicts a few cases of a larger manifest at a
+    time passes the whole manifest); a case needs one MG image of its own."""
     cases = list(cases)
-    breasts = {(c.patient_id, c.side): c for c in cases}
+    breasts = {(c.patient_id, c.side): c for c in (cases if context is None else context)}
     instances: list[Instance] = []
     skipped: Counter = Counter()
     use_mg, use_us = Modality.MG in modalities, Modality.US in modalities

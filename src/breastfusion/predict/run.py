@@ -263,11 +263,14 @@ def _nothing_predicted(pred: Prediction, cfg) -> None:
 
 
 def predict_cases(cases: list[Case], bundle: Bundle, source: ImageSource, dev: torch.device,
-                  heatmaps: bool = True, progress: bool = True, runtime: str = "torch") -> Prediction:
+                  heatmaps: bool = True, progress: bool = True, runtime: str = "torch",
+                  context: list[Case] | None = None) -> Prediction:
     """Predict these cases. A patient whose prediction raises is reported in `failed` with the
-    reason, and the others are predicted: one bad study never stops a batch."""
+    reason, and the others are predicted: one bad study never stops a batch. `context`: the
+    cases in which a bilateral model finds each breast's other breast (default: `cases`)."""
     cfg = bundle.config
-    instances, skipped = build_instances(cases, cfg.model.modality_set, cfg.model.slots)
+    context = cases if context is None else context
+    instances, skipped = build_instances(cases, cfg.model.modality_set, cfg.model.slots, context)
     records = list({r.path: r for i in instances for r in (*i.mg, i.us) if r is not None}.values())
     screening = screen(records, source, progress)
     for reason in screening.refused.values():
@@ -283,7 +286,7 @@ def predict_cases(cases: list[Case], bundle: Bundle, source: ImageSource, dev: t
     except Exception as exc:  # noqa: BLE001 - reported per patient below, never silently
         if len(cases) > 1:  # find the patient(s) it came from; the others are predicted
             log.warning("a patient of this batch failed (%s); predicting them one by one", _one_line(exc))
-            return Prediction.merged([predict_cases([c], bundle, source, dev, heatmaps, False, runtime)
+            return Prediction.merged([predict_cases([c], bundle, source, dev, heatmaps, False, runtime, context)
                                       for c in cases])
         log.warning("%s: not predicted: %s", cases[0].case_id, _one_line(exc))
         log.debug("traceback of the failure", exc_info=True)
@@ -422,7 +425,8 @@ def _predict_batch(manifest: Manifest, bundle: Bundle, out: Path, cache_dir, hea
               disable=not progress) as bar:
         for start in range(0, len(todo), chunk_size):
             chunk = todo[start:start + chunk_size]
-            pred = predict_cases(chunk, bundle, source, dev, heatmaps, progress=False, runtime=runtime)
+            pred = predict_cases(chunk, bundle, source, dev, heatmaps, progress=False, runtime=runtime,
+                                 context=cases)
             journal.add([c.case_id for c in chunk], pred, write_patient_files(pred, bundle, out, save_arrays, runtime))
             bar.update(len(chunk))
     fields, reports = journal.load((INSTANCE_COLUMNS, PATIENT_COLUMNS))
