@@ -2,6 +2,7 @@
 other breast, through instances, network, training, prediction and ONNX."""
 
 import dataclasses
+import pickle
 
 import numpy as np
 import pytest
@@ -48,6 +49,7 @@ def test_slots_of_the_other_breast_are_named_parsed_and_follow_the_own_slots():
     cfg = tiny_model_config(modalities=["MG"], mg_slots=[s.name for s in OWN], bilateral=True)
     assert [s.name for s in cfg.slots] == ["CC-2D", "MLO-2D", "CC-2D-contralateral", "MLO-2D-contralateral"]
     assert [MGSlot.parse(s.name) for s in cfg.slots] == list(cfg.slots)
+    assert pickle.loads(pickle.dumps(cfg.slots)) == cfg.slots  # instances carry slots to fold workers
     assert cfg.slots[2].own == OWN[0] and not OWN[0].contralateral and cfg.slots[2] != OWN[0]
     bad = RunConfig(model=tiny_model_config(mg_slots=["CC-2D", "CC-2D-contralateral"]))
     with pytest.raises(ConfigError, match="bilateral"):

@@ -78,6 +78,9 @@ class MGSlot(tuple):
     def __new__(cls, view: View, kind: Kind, contralateral: bool = False):
         return super().__new__(cls, (View(view), Kind(kind), bool(contralateral)))
 
+    def __getnewargs__(self) -> tuple[View, Kind, bool]:  # pickling (instances sent to fold workers)
+        return tuple(self)
+
     @property
     def view(self) -> View:
         return self[0]
