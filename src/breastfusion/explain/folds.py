@@ -137,8 +137,8 @@ def explain_row(row_dir: str | os.PathLike, manifest: Manifest, modality: Modali
             inst = by_id.get(iid)
             if inst is None or inst.label is Label.NORMAL:
                 continue
-            recs = [inst.us] if modality is Modality.US else [r for _, r in inst.own_mg]
-            for rec in recs:
+            named = [("US", inst.us)] if modality is Modality.US else [(s.name, r) for s, r in inst.own_mg]
+            for slot_name, rec in named:
                 if rec is None:
                     continue
                 img, info = pre.process_info(rec.path, rec.modality, rec.side)
@@ -150,16 +150,9 @@ def explain_row(row_dir: str | os.PathLike, manifest: Manifest, modality: Modali
                     continue
                 goal = ABNORMAL if target == ABNORMAL else inst.label.index
                 exp = explain_instance(net, instance_batch(inst, source), slots, class_index=goal, align=align)
-                heat = exp.us if modality is Modality.US else exp.mg[_slot_of(inst, rec)]
+                heat = exp.us if modality is Modality.US else exp.mg[slot_name]
                 out.append(Explained(score(Path(rec.path).name, inst.label.value, heat, lesion), img, heat, lesion))
     return out
-
-
-def _slot_of(inst, rec) -> str:
-    for slot, r in inst.own_mg:
-        if r is rec:
-            return slot.name
-    raise KeyError(rec.path)
 
 
 def examples_figure(items: list[Explained], path: str | os.PathLike, n: int = 4) -> Path:

@@ -37,7 +37,11 @@ class Instance:
     @property
     def own_mg(self) -> list[tuple[MGSlot, ImageRecord]]:
         """The present MG images of the breast itself (not of the other breast), with their slots."""
-        return [(s, r) for s, r in zip(self.slots, self.mg, strict=True) if r is not None and not s.contralateral]
+        return _own_images(self.slots, self.mg)
+
+
+def _own_images(slots: Sequence[MGSlot], mg: Sequence[ImageRecord | None]) -> list[tuple[MGSlot, ImageRecord]]:
+    return [(s, r) for s, r in zip(slots, mg, strict=True) if r is not None and not s.contralateral]
 
 
 def modality_images(items: Iterable[Instance], modality: Modality) -> list[ImageRecord]:
@@ -65,7 +69,7 @@ def build_instances(cases: Iterable[Case], modalities: Sequence[Modality], slots
     slots = tuple(slots) if use_mg else ()
     for case in cases:
         mg = tuple(_slot_image(case, breasts, slot) for slot in slots)
-        if use_mg and not any(r for r, s in zip(mg, slots, strict=True) if not s.contralateral):
+        if use_mg and not _own_images(slots, mg):
             skipped["no MG image in the model's views"] += 1
             continue
         if use_us and not case.us:
