@@ -60,7 +60,7 @@ def test_cv_runs_on_the_virtual_cohort(tmp_path):
     path = cohort.write(tmp_path / "virtual.csv")
     manifest = read_manifest(path)
     # a slice of whole groups keeps the test fast while exercising grouping
-    groups = sorted({r.group_id for r in manifest.records})[:30]
+    groups = sorted({r.group_id for r in manifest.records})[:20]
     manifest.records = [r for r in manifest.records if r.group_id in groups]
     rows = _rows(tmp_path)[2:]
     metrics = run_experiment(manifest, rows, tmp_path / "run", progress=False)

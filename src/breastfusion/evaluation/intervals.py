@@ -18,10 +18,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
-from scipy.stats import rankdata
 
 from ..vocab import CLASS_NAMES, N_CLASSES
 from .aggregate import PROBA_COLUMNS
+from .metrics import auc_by_ranks
 
 METHOD = "percentile bootstrap over patients, stratified by class"
 
@@ -63,17 +63,6 @@ class Bootstrap:
         tail = 100 * (1 - self.confidence) / 2
         low, high = np.percentile(samples, [tail, 100 - tail])
         return {"value": float(value), "low": float(low), "high": float(high)}
-
-
-def auc_by_ranks(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
-    """One-vs-rest AUC (Mann-Whitney, ties count half) of every row of `scores` (..., n) against
-    one fixed boolean `positive` (n,); NaN when either side is empty."""
-    positive = np.asarray(positive, dtype=bool)
-    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    if not n_pos or not n_neg:
-        return np.full(np.shape(scores)[:-1], np.nan)
-    ranks = rankdata(scores, axis=-1)
-    return (ranks[..., positive].sum(axis=-1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
 def _class_aucs(proba: np.ndarray, labels: np.ndarray) -> np.ndarray:

@@ -5,22 +5,30 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from sklearn.metrics import confusion_matrix, roc_auc_score
+from scipy.stats import rankdata
+from sklearn.metrics import confusion_matrix
 
 from ..vocab import CLASS_NAMES, N_CLASSES
 
 
+def auc_by_ranks(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
+    """One-vs-rest AUC (Mann-Whitney, ties count half) of every row of `scores` (..., n) against
+    one fixed boolean `positive` (n,); NaN when either side is empty."""
+    positive = np.asarray(positive, dtype=bool)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if not n_pos or not n_neg:
+        return np.full(np.shape(scores)[:-1], np.nan)
+    ranks = rankdata(scores, axis=-1)
+    return (ranks[..., positive].sum(axis=-1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
 def per_class_auc(y_true: np.ndarray, proba: np.ndarray) -> dict[str, float]:
-    """One-vs-rest AUC per class; NaN where the class (or its complement) is absent."""
+    """One-vs-rest AUC per class; NaN where the class (or its complement) is absent. Equal to
+    scikit-learn's roc_auc_score (tests check) at a fraction of its cost, which matters where
+    a test split is scored after every epoch."""
     y_true = np.asarray(y_true, dtype=int)
-    out = {}
-    for k, name in enumerate(CLASS_NAMES):
-        positive = y_true == k
-        if positive.all() or not positive.any():
-            out[name] = float("nan")
-        else:
-            out[name] = float(roc_auc_score(positive, proba[:, k]))
-    return out
+    proba = np.asarray(proba, dtype=float)
+    return {name: float(auc_by_ranks(proba[:, k], y_true == k)) for k, name in enumerate(CLASS_NAMES)}
 
 
 def macro_auc(y_true: np.ndarray, proba: np.ndarray) -> float:
