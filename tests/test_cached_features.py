@@ -9,7 +9,7 @@ from breastfusion.preprocess.pipeline import ImageSource, PreprocessCache, Prepr
 from breastfusion.records import read_manifest
 from breastfusion.training.augment import Augment
 from breastfusion.training.data import FeatureInstances, ImageInstances
-from breastfusion.training.features import FeatureStore
+from breastfusion.training.features import FeatureStore, StoredArray
 from breastfusion.vocab import Modality
 
 from conftest import tiny_model_config, write_tiny_cohort
@@ -48,3 +48,16 @@ def test_cached_path_gives_fine_tune_logits(tmp_path):
     # augmented copies differ from the plain image
     some = feats[paths[0]]
     assert not np.allclose(some[0], some[1])
+
+
+def test_a_stored_array_reads_its_file_and_refuses_to_be_viewed_without_a_copy(tmp_path):
+    import pytest
+
+    data = np.arange(24, dtype=np.float16).reshape(2, 3, 4)
+    np.save(tmp_path / "a.npy", data)
+    stored = StoredArray(tmp_path / "a.npy", data.shape, data.dtype)
+    assert np.array_equal(stored[1], data[1]) and len(stored) == 2 and stored.ndim == 3
+    assert np.asarray(stored, dtype=np.float32).dtype == np.float32
+    assert np.array_equal(np.asarray(stored), data)
+    with pytest.raises(ValueError, match="without a copy"):
+        np.asarray(stored, copy=False)

@@ -96,6 +96,10 @@ class StoredArray:
         return np.array(mapped[index])  # a copy: the map closes when `mapped` goes
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        """NumPy's protocol: the array is read from disk, so there is no view to give; with
+        copy=False (never copy) that is an error, as NumPy asks of such objects."""
+        if copy is False:
+            raise ValueError(f"{self.path}: a stored array is read from disk; it cannot be had without a copy")
         whole = self[...]
         return whole if dtype is None else whole.astype(dtype, copy=False)
 
