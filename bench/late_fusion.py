@@ -30,14 +30,20 @@ from common import RESULTS, command  # noqa: E402
 
 from breastfusion.evaluation.aggregate import PROBA_COLUMNS, aggregate  # noqa: E402
 from breastfusion.evaluation.metrics import macro_auc  # noqa: E402
+from breastfusion.experiment import row_dirname  # noqa: E402
+from breastfusion.inference import layout  # noqa: E402
 from breastfusion.provenance import git_commit, now  # noqa: E402
 
-ROWS = {"single US": "single_US", "single MG": "single_MG", "concat MM": "concat_MM"}
-SPLITS = {"test": "test_predictions.csv", "validation": "predictions.csv"}
+ROWS = ("single US", "single MG", "concat MM")
+SPLITS = {"test": layout.TEST_PREDICTIONS_FILE, "validation": layout.PREDICTIONS_FILE}
+
+
+def row_dir(run: Path, row: str) -> Path:
+    return run / "rows" / row_dirname(row)
 
 
 def breasts(run: Path, row: str, fold: int, split: str) -> pd.DataFrame:
-    table = pd.read_csv(run / "rows" / ROWS[row] / "folds" / f"fold_{fold}" / SPLITS[split])
+    table = pd.read_csv(layout.fold_dir(row_dir(run, row), fold) / SPLITS[split])
     return aggregate(table, "mean").set_index("case_id")
 
 
@@ -61,7 +67,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path, help="a Table 3 run folder with the single MG, single US and concat MM rows")
     args = ap.parse_args()
-    folds = sorted(int(p.name.split("_")[1]) for p in (args.run / "rows" / "single_US" / "folds").glob("fold_*"))
+    folds = [int(d.name.split("_")[1]) for d in layout.fold_dirs(row_dir(args.run, "single US"))]
     out = {"run": str(args.run), "commit": git_commit(), "finished": now(), "command": command(), "splits": {}}
     for split in SPLITS:
         per_fold = [fold_scores(args.run, f, split) for f in folds]
