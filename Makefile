@@ -8,9 +8,15 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint configs clean
 
+# pip would byte-compile every module of every wheel (about 45 s, most of it torch modules
+# nothing here imports); instead Python writes the .pyc of what is imported, on first import.
+# That needs bytecode writing on, so the recipes clear PYTHONDONTWRITEBYTECODE; without it,
+# every process would compile torch's imported modules again (about 10 s each).
+export PYTHONDONTWRITEBYTECODE :=
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --no-compile -e ".[dev]"
 	touch $(STAMP)
 
 demo: $(STAMP)

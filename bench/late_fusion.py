@@ -67,7 +67,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path, help="a Table 3 run folder with the single MG, single US and concat MM rows")
     args = ap.parse_args()
-    folds = [int(d.name.split("_")[1]) for d in layout.fold_dirs(row_dir(args.run, "single US"))]
+    folds = [layout.fold_number(d) for d in layout.fold_dirs(row_dir(args.run, "single US"))]
     out = {"run": str(args.run), "commit": git_commit(), "finished": now(), "command": command(), "splits": {}}
     for split in SPLITS:
         per_fold = [fold_scores(args.run, f, split) for f in folds]

@@ -19,7 +19,7 @@ from breastfusion.explain.gradcam import explain_instance
 from breastfusion.inference.batches import instance_batch
 from breastfusion.inference.images import image_source
 from breastfusion.inference.instances import build_instances
-from breastfusion.inference.layout import MODEL_FILE, PREDICTIONS_FILE, fold_dirs
+from breastfusion.inference.layout import MODEL_FILE, PREDICTIONS_FILE, fold_dirs, fold_number
 from breastfusion.inference.networks import trained_net
 from breastfusion.inference.runtime import pick_device
 from breastfusion.models.weights import read_state_dict
@@ -57,6 +57,13 @@ def test_every_fold_saves_its_network_and_test_split_logits(trained):
         test = pd.read_csv(d / "test_predictions.csv")
         assert {"logit_normal", "logit_benign", "logit_malignant", "p_malignant"} <= set(test.columns)
         assert read_state_dict(d / MODEL_FILE)  # safetensors, readable without pickle
+
+
+def test_fold_folders_are_numbered_and_anything_else_is_refused(tmp_path):
+    assert fold_number(tmp_path / "fold_12") == 12
+    for name in ("fold_", "fold_x", "folds", "checkpoint_3"):
+        with pytest.raises(ValueError, match="not a fold folder"):
+            fold_number(tmp_path / name)
 
 
 def test_bundle_round_trip_reproduces_the_fold_networks(trained):

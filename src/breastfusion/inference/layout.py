@@ -27,6 +27,15 @@ def fold_dir(row_dir: str | os.PathLike, fold: int) -> Path:
     return Path(row_dir) / "folds" / f"fold_{fold}"
 
 
+def fold_number(folder: str | os.PathLike) -> int:
+    """K of a ``fold_K`` folder."""
+    name = Path(folder).name
+    prefix, _, number = name.partition("_")
+    if prefix != "fold" or not number.isdigit():
+        raise ValueError(f"{folder}: not a fold folder (fold_K)")
+    return int(number)
+
+
 def fold_done(row_dir: str | os.PathLike, fold: int) -> bool:
     return (fold_dir(row_dir, fold) / PREDICTIONS_FILE).is_file()
 
@@ -35,7 +44,7 @@ def fold_dirs(row_dir: str | os.PathLike) -> list[Path]:
     """The completed folds of a row (those with weights and predictions), in fold order."""
     folds = Path(row_dir) / "folds"
     done = [d for d in folds.glob("fold_*") if (d / MODEL_FILE).is_file() and (d / PREDICTIONS_FILE).is_file()]
-    return sorted(done, key=lambda d: int(d.name.split("_")[1]))
+    return sorted(done, key=fold_number)
 
 
 def recorded_splits(row_dir: str | os.PathLike) -> dict[int, dict[str, set[str]]]:
@@ -47,7 +56,7 @@ def recorded_splits(row_dir: str | os.PathLike) -> dict[int, dict[str, set[str]]
         with open(file, newline="", encoding="utf-8") as fh:
             return {row["case_id"] for row in csv.DictReader(fh)}
 
-    parts = {int(d.name.split("_")[1]): {"val": cases(d / PREDICTIONS_FILE), "test": cases(d / TEST_PREDICTIONS_FILE)}
+    parts = {fold_number(d): {"val": cases(d / PREDICTIONS_FILE), "test": cases(d / TEST_PREDICTIONS_FILE)}
              for d in fold_dirs(row_dir)}
     known = set().union(*(p["val"] | p["test"] for p in parts.values()))
     for p in parts.values():

@@ -49,7 +49,14 @@ from ..evaluation.aggregate import PROBA_COLUMNS
 from ..evaluation.calibration import calibrated_patients, fold_temperature, softmax
 from ..evaluation.decision import OperatingPoints, choose_operating_points, operating_point_evidence
 from ..files import sha256_file, write_text
-from ..inference.layout import CONFIG_FILE, MODEL_FILE, PREDICTIONS_FILE, TEST_PREDICTIONS_FILE, fold_dirs
+from ..inference.layout import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    PREDICTIONS_FILE,
+    TEST_PREDICTIONS_FILE,
+    fold_dirs,
+    fold_number,
+)
 from ..inference.networks import trained_net, untrained
 from ..inference.runtime import has_conv2d
 from ..models.backbones import build_backbone
@@ -104,7 +111,7 @@ def export_bundle(row_dir: str | os.PathLike, out_dir: str | os.PathLike,
     (out / "weights").mkdir(parents=True, exist_ok=True)
     files = {"config.yaml": save_yaml(cfg, out / "config.yaml")}
     files["weights/shared.safetensors"] = save_weights(shared, out / "weights" / "shared.safetensors")
-    fold_ids = [int(d.name.split("_")[1]) for d in folds]
+    fold_ids = [fold_number(d) for d in folds]
     for k, state in zip(fold_ids, states, strict=True):
         own = {n: v for n, v in state.items() if n not in shared}
         files[f"weights/fold_{k}.safetensors"] = save_weights(own, out / "weights" / f"fold_{k}.safetensors")

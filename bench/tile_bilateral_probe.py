@@ -1,0 +1,133 @@
+"""Probe (issue 13): would comparing the two breasts tile by tile beat comparing pooled features?
+
+The bilateral MG branch of `table3-cpu` (models/bilateral.py) compares a view with the same
+view of the other breast after pooling: [own, own - other] of the two pooled vectors. A
+lesion is a local asymmetry; after pooling it is diluted over the whole breast. Both breasts
+are oriented chest wall left by preprocessing, so tile (i, j) of one is roughly the same
+region of the other. This probe asks, before building anything, whether the tile-level
+difference carries more than the pooled one: a multinomial logistic regression on each
+breast's features from the frozen activation maps the search runs cache (partial mode,
+the backbone's last map), trained on a fold's training portion and scored on its **test
+split** (never the validation fold), for these designs (each view's vector averaged over the
+breast's views; tiles = the map averaged over k x k cells, as `attention_cell`):
+
+* ``own``: the tiles' mean;
+* ``pooled bilateral``: own mean, own mean - other mean (what the branch sees today, with
+  mean instead of learnt attention pooling);
+* ``tile bilateral``: the pooled bilateral design plus, per channel, the largest tile of
+  (own - other) and the largest tile of own.
+
+    python bench/tile_bilateral_probe.py --set model.backbone.name=efficientnet_lite2 \\
+        --set model.backbone.image_size=512 --set model.backbone.pooling=attention \\
+        --set model.backbone.attention_cell=4 --set model.bilateral=true --folds 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import RESULTS, ROOT, command, quiet_logs  # noqa: E402
+from search import DATA, row_config  # noqa: E402
+
+from breastfusion.evaluation.metrics import macro_auc  # noqa: E402
+from breastfusion.provenance import git_commit, now  # noqa: E402
+from breastfusion.records import read_manifest  # noqa: E402
+from breastfusion.training.preparation import prepare  # noqa: E402
+from breastfusion.vocab import Modality  # noqa: E402
+
+DESIGNS = ("own", "pooled bilateral", "tile bilateral")
+C_VALUES = (0.001, 0.01, 0.1)
+
+
+def tiles(activation: np.ndarray, cell: int) -> np.ndarray:
+    """(C, H, W) map of the plain image -> (C, T) tiles, each the mean of cell x cell positions."""
+    c, h, w = activation.shape
+    a = activation[:, : h - h % cell, : w - w % cell].astype(np.float32)
+    return a.reshape(c, h // cell, cell, w // cell, cell).mean(axis=(2, 4)).reshape(c, -1)
+
+
+def breast_vectors(data, cell: int) -> dict[str, dict[str, np.ndarray]]:
+    """case id -> design -> vector, from the views the breast and its other breast both hold."""
+    out = {}
+    for inst in data.instances:
+        v = len(inst.mg) // 2
+        own_views, pairs = [], []
+        for k in range(v):
+            own, other = inst.mg[k], inst.mg[v + k]
+            if own is None or own.path not in data.features:
+                continue
+            t_own = tiles(np.asarray(data.features[own.path][0]), cell)
+            own_views.append(t_own)
+            if other is not None and other.path in data.features:
+                pairs.append((t_own, tiles(np.asarray(data.features[other.path][0]), cell)))
+        if not own_views:
+            continue
+        mean_own = np.mean([t.mean(axis=1) for t in own_views], axis=0)
+        if pairs:
+            diff_mean = np.mean([a.mean(axis=1) - b.mean(axis=1) for a, b in pairs], axis=0)
+            diff_max = np.mean([(a - b).max(axis=1) for a, b in pairs], axis=0)
+        else:
+            diff_mean = diff_max = np.zeros_like(mean_own)
+        own_max = np.mean([t.max(axis=1) for t in own_views], axis=0)
+        has = np.array([float(bool(pairs))])
+        out[inst.case_id] = {
+            "own": mean_own,
+            "pooled bilateral": np.concatenate([mean_own, diff_mean, has]),
+            "tile bilateral": np.concatenate([mean_own, diff_mean, diff_max, own_max, has]),
+        }
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", choices=("cdd-cesm", "mias"), default="cdd-cesm")
+    ap.add_argument("--set", dest="sets", action="append", default=[])
+    ap.add_argument("--folds", type=int, default=10)
+    args = ap.parse_args()
+    quiet_logs()
+    cfg = row_config("mg-frozen-partialtrain", args.sets)
+    if not cfg.model.bilateral:
+        raise SystemExit("the probe needs the other breast: add --set model.bilateral=true")
+    data = prepare(read_manifest(ROOT / "runs" / "public" / DATA[args.data][0]), cfg, progress=False)
+    cell = cfg.model.backbone_for(Modality.MG).attention_cell
+    vectors = breast_vectors(data, cell)
+    labels = {i.case_id: i.label.index for i in data.instances}
+    print(f"{len(vectors)} breasts; tiles of {cell} x {cell} map cells", flush=True)
+    result = {"data": args.data, "command": command(), "commit": git_commit(), "finished": now(),
+              "overrides": args.sets, "folds": []}
+    for split in data.splits[: args.folds]:
+        train = [c for c in split.train if c in vectors]
+        test = [c for c in split.test if c in vectors]
+        y_train = np.array([labels[c] for c in train])
+        y_test = np.array([labels[c] for c in test])
+        fold = {"fold": split.fold}
+        for design in DESIGNS:
+            x_train = np.stack([vectors[c][design] for c in train])
+            x_test = np.stack([vectors[c][design] for c in test])
+            for c_reg in C_VALUES:
+                clf = make_pipeline(StandardScaler(), LogisticRegression(C=c_reg, max_iter=3000))
+                clf.fit(x_train, y_train)
+                fold[f"{design} C={c_reg}"] = macro_auc(y_test, clf.predict_proba(x_test))
+        print(json.dumps(fold), flush=True)
+        result["folds"].append(fold)
+    keys = [k for k in result["folds"][0] if k != "fold"]
+    result["mean"] = {k: float(np.mean([f[k] for f in result["folds"]])) for k in keys}
+    for k, v in result["mean"].items():
+        print(f"{k}: test-split macro AUC {100 * v:.1f}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS / "tile_bilateral_probe.jsonl", "a") as fh:
+        fh.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()
