@@ -1,0 +1,156 @@
+"""Probe (issue 13): would lesion-level supervision help mini-MIAS's MG branch?
+
+mini-MIAS's Info.txt gives each abnormality's centre and radius. Training may use them
+(inference would not: the model must find lesions itself), for instance by telling the
+branch's attention over tiles where the lesion is. That can only help if the frozen
+features of the tile that holds the lesion tell lesions from normal tissue, and benign
+from malignant, better than the whole image does. This probe measures that, before any
+model is built, on the activation maps the search runs cache (partial mode, the plain
+image; tiles = k x k map cells, as `attention_cell`), per fold: fitted on the training
+portion, scored on the **test split** (never the validation fold):
+
+* normal vs abnormal, by image: (a) a logistic regression on the image's mean feature;
+  (b) a tile classifier (lesion tiles of abnormal training images against every tile of
+  normal training images), an image scored by its most suspicious tile.
+  (c) as (b) on [tile, tile - the same tile of the other breast] (both breasts are oriented
+  chest wall left; zeros where the other breast is missing).
+* benign vs malignant, abnormal images with a lesion centre only: (a) the image's mean
+  feature; (b) the feature of the tile that holds the lesion centre (an oracle location).
+
+    python bench/lesion_tile_probe.py --set model.backbone.name=efficientnet_lite2 \\
+        --set model.backbone.image_size=512 --set model.backbone.pooling=attention \\
+        --set model.backbone.attention_cell=4 --folds 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import RESULTS, ROOT, command, quiet_logs  # noqa: E402
+from search import DATA, row_config  # noqa: E402
+
+from breastfusion.datasets.mias import mias_lesions  # noqa: E402
+from breastfusion.explain.localisation import circle_mask, to_model_space  # noqa: E402
+from breastfusion.provenance import git_commit, now  # noqa: E402
+from breastfusion.records import read_manifest  # noqa: E402
+from breastfusion.training.preparation import prepare  # noqa: E402
+from breastfusion.vocab import Label, Modality  # noqa: E402
+
+MIAS_ROOT = ROOT.parent / "shared" / "datasets" / "mini-MIAS"
+
+
+def tile_grid(activation: np.ndarray, cell: int) -> np.ndarray:
+    """(C, H, W) -> (T, C): tiles of cell x cell map positions, row-major."""
+    c, h, w = activation.shape
+    a = activation[:, : h - h % cell, : w - w % cell].astype(np.float32)
+    return a.reshape(c, h // cell, cell, w // cell, cell).mean(axis=(2, 4)).reshape(c, -1).T
+
+
+def lesion_tile(mask: np.ndarray, tiles_per_side: int) -> int | None:
+    """The tile (row-major index) that holds most of the lesion mask, None if it is empty."""
+    side = mask.shape[0] // tiles_per_side
+    m = mask[: side * tiles_per_side, : side * tiles_per_side]
+    counts = m.reshape(tiles_per_side, side, tiles_per_side, side).sum(axis=(1, 3)).ravel()
+    return int(counts.argmax()) if counts.max() > 0 else None
+
+
+def fit_auc(x_train, y_train, x_test, y_test, c_reg: float) -> tuple[float, object]:
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=c_reg, max_iter=3000, class_weight="balanced"))
+    clf.fit(x_train, y_train)
+    return float(roc_auc_score(y_test, clf.predict_proba(x_test)[:, 1])), clf
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--set", dest="sets", action="append", default=[])
+    ap.add_argument("--folds", type=int, default=10)
+    ap.add_argument("--c", type=float, default=0.01, help="inverse L2 strength of every regression")
+    args = ap.parse_args()
+    quiet_logs()
+    cfg = row_config("mg-frozen-partialtrain", args.sets)
+    bb = cfg.model.backbone_for(Modality.MG)
+    data = prepare(read_manifest(ROOT / "runs" / "public" / DATA["mias"][0]), cfg, progress=False)
+    lesions = {Path(p).stem: v for p, v in mias_lesions(MIAS_ROOT).items()}
+    pre = data.source.cache(Modality.MG).preprocessor
+    images = {}  # case id -> (tiles (T, C), label index, lesion tile or None, [tiles, tiles - other's] (T, 2C))
+    v = len(data.instances[0].mg) // 2
+    for inst in data.instances:
+        k = next(k for k in range(v) if inst.mg[k] is not None)
+        rec, other = inst.mg[k], inst.mg[v + k]
+        grid = tile_grid(np.asarray(data.features[rec.path][0]), bb.attention_cell)
+        diff = (grid - tile_grid(np.asarray(data.features[other.path][0]), bb.attention_cell)
+                if other is not None and other.path in data.features else np.zeros_like(grid))
+        per_side = int(round(np.sqrt(grid.shape[0])))
+        where = None
+        circles = lesions.get(Path(rec.path).stem, [])
+        if circles and inst.label is not Label.NORMAL:
+            _, info = pre.process_info(rec.path, Modality.MG, rec.side)
+            mask = np.zeros(info.shape, dtype=bool)
+            for x, y, r in circles:
+                mask |= circle_mask(info.shape, (x, y), r)
+            where = lesion_tile(to_model_space(mask, info, bb.image_size), per_side)
+        images[inst.case_id] = (grid, inst.label.index, where, np.concatenate([grid, diff], axis=1))
+    located = sum(w is not None for _, _, w, _ in images.values())
+    print(f"{len(images)} images, {located} with a lesion tile", flush=True)
+    result = {"command": command(), "commit": git_commit(), "finished": now(), "overrides": args.sets,
+              "c": args.c, "folds": []}
+    for split in data.splits[: args.folds]:
+        train = [c for c in split.train if c in images]
+        test = [c for c in split.test if c in images]
+        fold = {"fold": split.fold}
+        # normal vs abnormal
+        y_tr = np.array([images[c][1] > 0 for c in train])
+        y_te = np.array([images[c][1] > 0 for c in test])
+        mean_tr = np.stack([images[c][0].mean(axis=0) for c in train])
+        mean_te = np.stack([images[c][0].mean(axis=0) for c in test])
+        fold["abnormal: image mean"], _ = fit_auc(mean_tr, y_tr, mean_te, y_te, args.c)
+        pos = [images[c][0][images[c][2]] for c in train if images[c][2] is not None]
+        neg = [t for c in train if images[c][1] == 0 for t in images[c][0]]
+        x = np.stack(pos + neg)
+        y = np.array([1] * len(pos) + [0] * len(neg))
+        clf = make_pipeline(StandardScaler(), LogisticRegression(C=args.c, max_iter=3000, class_weight="balanced"))
+        clf.fit(x, y)
+        worst = [clf.predict_proba(images[c][0])[:, 1].max() for c in test]
+        fold["abnormal: most suspicious tile"] = float(roc_auc_score(y_te, worst))
+        pos = [images[c][3][images[c][2]] for c in train if images[c][2] is not None]
+        neg = [t for c in train if images[c][1] == 0 for t in images[c][3]]
+        clf.fit(np.stack(pos + neg), np.array([1] * len(pos) + [0] * len(neg)))
+        worst = [clf.predict_proba(images[c][3])[:, 1].max() for c in test]
+        fold["abnormal: most suspicious tile, bilateral"] = float(roc_auc_score(y_te, worst))
+        # benign vs malignant where the lesion is located
+        lab_tr = [c for c in train if images[c][2] is not None]
+        lab_te = [c for c in test if images[c][2] is not None]
+        yb_tr = np.array([images[c][1] == 2 for c in lab_tr])
+        yb_te = np.array([images[c][1] == 2 for c in lab_te])
+        if len(set(yb_te)) == 2 and len(set(yb_tr)) == 2:
+            fold["malignant: image mean"], _ = fit_auc(
+                np.stack([images[c][0].mean(axis=0) for c in lab_tr]), yb_tr,
+                np.stack([images[c][0].mean(axis=0) for c in lab_te]), yb_te, args.c)
+            fold["malignant: lesion tile (oracle)"], _ = fit_auc(
+                np.stack([images[c][0][images[c][2]] for c in lab_tr]), yb_tr,
+                np.stack([images[c][0][images[c][2]] for c in lab_te]), yb_te, args.c)
+        print(json.dumps(fold), flush=True)
+        result["folds"].append(fold)
+    keys = sorted({k for f in result["folds"] for k in f if k != "fold"})
+    result["mean"] = {k: float(np.mean([f[k] for f in result["folds"] if k in f])) for k in keys}
+    for k in keys:
+        n = sum(k in f for f in result["folds"])
+        print(f"{k}: test-split AUC {100 * result['mean'][k]:.1f} ({n} folds)")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS / "lesion_tile_probe.jsonl", "a") as fh:
+        fh.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()
