@@ -27,7 +27,7 @@ from sklearn.preprocessing import StandardScaler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, ROOT, command, quiet_logs  # noqa: E402
+from common import ROOT, append_jsonl, command, fold_means, quiet_logs  # noqa: E402
 
 from breastfusion.config import override  # noqa: E402
 from breastfusion.presets import cpu_reference, table3_rows  # noqa: E402
@@ -101,13 +101,10 @@ def main() -> None:
                 fold[f"{'bilateral' if bilateral else 'own'} C={c_reg}"] = auc
         print(json.dumps(fold), flush=True)
         result["folds"].append(fold)
-    keys = [k for k in result["folds"][0] if k != "fold"]
-    result["mean"] = {k: float(np.mean([f[k] for f in result["folds"]])) for k in keys}
+    result["mean"] = fold_means(result["folds"])
     for k, v in result["mean"].items():
         print(f"{k}: test-split macro AUC {v:.3f}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS / "bilateral_probe.jsonl", "a") as fh:
-        fh.write(json.dumps(result) + "\n")
+    append_jsonl("bilateral_probe", result)
 
 
 if __name__ == "__main__":

@@ -118,3 +118,19 @@ def quiet_logs():
     finally:
         logging.disable(logging.NOTSET)
         logging.root.setLevel(level)
+
+
+def fold_means(per_fold: list[dict]) -> dict[str, float]:
+    """Each figure's mean over the folds that have it (a "fold" key is the fold's number, not a
+    figure); keys in the order they first appear."""
+    keys = list(dict.fromkeys(k for f in per_fold for k in f if k != "fold"))
+    return {k: float(sum(f[k] for f in per_fold if k in f) / sum(k in f for f in per_fold)) for k in keys}
+
+
+def append_jsonl(name: str, entry: dict) -> Path:
+    """Append one run's record to bench/results/<name>.jsonl (run output, not committed)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"{name}.jsonl"
+    with open(out, "a") as fh:
+        fh.write(json.dumps(entry) + "\n")
+    return out

@@ -37,7 +37,7 @@ from sklearn.preprocessing import StandardScaler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, ROOT, command, quiet_logs  # noqa: E402
+from common import ROOT, append_jsonl, command, fold_means, quiet_logs  # noqa: E402
 from search import DATA, row_config  # noqa: E402
 
 from breastfusion.datasets.mias import mias_lesions  # noqa: E402
@@ -142,14 +142,11 @@ def main() -> None:
                 np.stack([images[c][0][images[c][2]] for c in lab_te]), yb_te, args.c)
         print(json.dumps(fold), flush=True)
         result["folds"].append(fold)
-    keys = sorted({k for f in result["folds"] for k in f if k != "fold"})
-    result["mean"] = {k: float(np.mean([f[k] for f in result["folds"] if k in f])) for k in keys}
-    for k in keys:
+    result["mean"] = fold_means(result["folds"])
+    for k, v in result["mean"].items():
         n = sum(k in f for f in result["folds"])
-        print(f"{k}: test-split AUC {100 * result['mean'][k]:.1f} ({n} folds)")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS / "lesion_tile_probe.jsonl", "a") as fh:
-        fh.write(json.dumps(result) + "\n")
+        print(f"{k}: test-split AUC {100 * v:.1f} ({n} folds)")
+    append_jsonl("lesion_tile_probe", result)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, command  # noqa: E402
+from common import RESULTS, command, fold_means  # noqa: E402
 
 from breastfusion.evaluation.aggregate import PROBA_COLUMNS, aggregate  # noqa: E402
 from breastfusion.evaluation.metrics import macro_auc  # noqa: E402
@@ -67,7 +67,7 @@ def main() -> None:
            "command": command(), "splits": {}}
     for split in SPLITS:
         per_fold = [fold_scores(args.runs, f, split) for f in folds]
-        means = {name: 100 * float(np.mean([s[name] for s in per_fold])) for name in per_fold[0]}
+        means = {name: 100 * v for name, v in fold_means(per_fold).items()}
         out["splits"][split] = {"mean_macro_auc": means, "per_fold": per_fold}
         print(split, "  ".join(f"{k}: {v:.1f}" for k, v in means.items()))
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,7 @@ from sklearn.preprocessing import StandardScaler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, ROOT, command, quiet_logs  # noqa: E402
+from common import ROOT, append_jsonl, command, fold_means, quiet_logs  # noqa: E402
 from search import DATA, row_config  # noqa: E402
 
 from breastfusion.evaluation.metrics import macro_auc  # noqa: E402
@@ -120,13 +120,10 @@ def main() -> None:
                 fold[f"{design} C={c_reg}"] = macro_auc(y_test, clf.predict_proba(x_test))
         print(json.dumps(fold), flush=True)
         result["folds"].append(fold)
-    keys = [k for k in result["folds"][0] if k != "fold"]
-    result["mean"] = {k: float(np.mean([f[k] for f in result["folds"]])) for k in keys}
+    result["mean"] = fold_means(result["folds"])
     for k, v in result["mean"].items():
         print(f"{k}: test-split macro AUC {100 * v:.1f}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS / "tile_bilateral_probe.jsonl", "a") as fh:
-        fh.write(json.dumps(result) + "\n")
+    append_jsonl("tile_bilateral_probe", result)
 
 
 if __name__ == "__main__":
