@@ -15,22 +15,17 @@ breast appended. Features come from the same cache as the search runs (bench/sea
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import roc_auc_score
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import ROOT, append_jsonl, command, fold_means, quiet_logs  # noqa: E402
+from probe import probe_folds  # noqa: E402
+from search import DATA, row_config  # noqa: E402
 
-from breastfusion.config import override  # noqa: E402
-from breastfusion.presets import cpu_reference, table3_rows  # noqa: E402
 from breastfusion.provenance import git_commit, now  # noqa: E402
 from breastfusion.records import read_manifest  # noqa: E402
 from breastfusion.training.preparation import prepare  # noqa: E402
@@ -54,21 +49,15 @@ def contralateral(feats: dict[str, np.ndarray], groups: dict[str, str]) -> dict[
     return {case: next((feats[o] for o in by_group[groups[case]] if o != case), None) for case in feats}
 
 
-def design(cases, feats, other, bilateral: bool) -> np.ndarray:
-    rows = []
-    for c in cases:
-        own = feats[c]
-        if not bilateral:
-            rows.append(own)
-            continue
+def designs(feats, other) -> dict[str, dict[str, np.ndarray]]:
+    """case -> {"own": its features, "bilateral": [own, own - other, has other]} (zeros and a 0
+    flag where the other breast is missing)."""
+    out = {}
+    for c, own in feats.items():
         has = other[c] is not None
         diff = own - other[c] if has else np.zeros_like(own)
-        rows.append(np.concatenate([own, diff, [float(has)]]))
-    return np.asarray(rows)
-
-
-def macro_auc(y, p) -> float:
-    return float(np.mean([roc_auc_score(y == k, p[:, k]) for k in range(3)]))
+        out[c] = {"own": own, "bilateral": np.concatenate([own, diff, [float(has)]])}
+    return out
 
 
 def main() -> None:
@@ -77,30 +66,13 @@ def main() -> None:
     ap.add_argument("--folds", type=int, default=3)
     args = ap.parse_args()
     quiet_logs()
-    (cfg,) = [r for r in table3_rows(cpu_reference(), "view") if r.name == "single MG"]
-    for item in args.sets:
-        key, _, value = item.partition("=")
-        override(cfg, key, value)
-    cfg.validate()
-    data = prepare(read_manifest(ROOT / "runs" / "public" / "cdd-cesm.csv"), cfg, progress=False)
+    cfg = row_config("mg-frozen-128", args.sets)  # the single MG row of the first CPU preset
+    data = prepare(read_manifest(ROOT / "runs" / "public" / DATA["cdd-cesm"][0]), cfg, progress=False)
     feats, labels, groups = breast_features(data)
     other = contralateral(feats, groups)
     print(f"{len(feats)} breasts, {sum(o is not None for o in other.values())} with the other breast")
-    result = {"command": command(), "commit": git_commit(), "finished": now(), "overrides": args.sets, "folds": []}
-    for split in data.splits[: args.folds]:
-        train = [c for c in split.train if c in feats]
-        test = [c for c in split.test if c in feats]
-        y_train = np.array([labels[c] for c in train])
-        y_test = np.array([labels[c] for c in test])
-        fold = {"fold": split.fold}
-        for bilateral in (False, True):
-            for c_reg in (0.01, 0.1, 1.0):
-                clf = make_pipeline(StandardScaler(), LogisticRegression(C=c_reg, max_iter=3000))
-                clf.fit(design(train, feats, other, bilateral), y_train)
-                auc = macro_auc(y_test, clf.predict_proba(design(test, feats, other, bilateral)))
-                fold[f"{'bilateral' if bilateral else 'own'} C={c_reg}"] = auc
-        print(json.dumps(fold), flush=True)
-        result["folds"].append(fold)
+    result = {"command": command(), "commit": git_commit(), "finished": now(), "overrides": args.sets}
+    result["folds"] = probe_folds(data.splits[: args.folds], designs(feats, other), labels, (0.01, 0.1, 1.0))
     result["mean"] = fold_means(result["folds"])
     for k, v in result["mean"].items():
         print(f"{k}: test-split macro AUC {v:.3f}")

@@ -18,6 +18,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from breastfusion import allocator
+from breastfusion.evaluation.aggregate import PROBA_COLUMNS, aggregate
+from breastfusion.evaluation.metrics import macro_auc
+from breastfusion.inference import layout
 from breastfusion.provenance import git_commit, machine, now, versions
 
 allocator.reuse_freed_memory()  # as the command line does (breastfusion/allocator.py)
@@ -134,3 +137,23 @@ def append_jsonl(name: str, entry: dict) -> Path:
     with open(out, "a") as fh:
         fh.write(json.dumps(entry) + "\n")
     return out
+
+
+def score_splits(folds: list[int], fold_scores) -> dict:
+    """Score each fold's test split (the selection figure) and validation fold (reported only)
+    of saved predictions: `fold_scores(fold, prediction file name)` -> {name: macro AUC}. Returns
+    {split: {"mean_macro_auc": {name: %}, "per_fold": [...]}} and prints each split's means."""
+    out = {}
+    for split, file in (("test", layout.TEST_PREDICTIONS_FILE), ("validation", layout.PREDICTIONS_FILE)):
+        per_fold = [fold_scores(f, file) for f in folds]
+        means = {name: 100 * v for name, v in fold_means(per_fold).items()}
+        out[split] = {"mean_macro_auc": means, "per_fold": per_fold}
+        print(split, "  ".join(f"{k}: {v:.1f}" for k, v in means.items()))
+    return out
+
+
+def patient_macro_auc(predictions) -> float:
+    """Macro one-vs-rest AUC of a prediction table's cases (breasts), each the mean of its
+    instances' probabilities, as the experiments' patient level."""
+    patients = aggregate(predictions, "mean")
+    return macro_auc(patients["label"].to_numpy(int), patients[PROBA_COLUMNS].to_numpy(float))

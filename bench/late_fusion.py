@@ -26,7 +26,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, command, fold_means  # noqa: E402
+from common import RESULTS, command, score_splits  # noqa: E402
 
 from breastfusion.evaluation.aggregate import PROBA_COLUMNS, aggregate  # noqa: E402
 from breastfusion.evaluation.metrics import macro_auc  # noqa: E402
@@ -35,15 +35,14 @@ from breastfusion.inference import layout  # noqa: E402
 from breastfusion.provenance import git_commit, now  # noqa: E402
 
 ROWS = ("single US", "single MG", "concat MM")
-SPLITS = {"test": layout.TEST_PREDICTIONS_FILE, "validation": layout.PREDICTIONS_FILE}
 
 
 def row_dir(run: Path, row: str) -> Path:
     return run / "rows" / row_dirname(row)
 
 
-def breasts(run: Path, row: str, fold: int, split: str) -> pd.DataFrame:
-    table = pd.read_csv(layout.fold_dir(row_dir(run, row), fold) / SPLITS[split])
+def breasts(run: Path, row: str, fold: int, file: str) -> pd.DataFrame:
+    table = pd.read_csv(layout.fold_dir(row_dir(run, row), fold) / file)
     return aggregate(table, "mean").set_index("case_id")
 
 
@@ -52,8 +51,8 @@ def naive_bayes(p_mg: np.ndarray, p_us: np.ndarray, prior: np.ndarray) -> np.nda
     return joint / joint.sum(axis=1, keepdims=True)
 
 
-def fold_scores(run: Path, fold: int, split: str) -> dict[str, float]:
-    tables = {row: breasts(run, row, fold, split) for row in ROWS}
+def fold_scores(run: Path, fold: int, file: str) -> dict[str, float]:
+    tables = {row: breasts(run, row, fold, file) for row in ROWS}
     ids = tables["single US"].index.intersection(tables["single MG"].index).intersection(tables["concat MM"].index)
     labels = tables["single US"].loc[ids, "label"].to_numpy(int)
     proba = {row: t.loc[ids, PROBA_COLUMNS].to_numpy(float) for row, t in tables.items()}
@@ -68,12 +67,8 @@ def main() -> None:
     ap.add_argument("run", type=Path, help="a Table 3 run folder with the single MG, single US and concat MM rows")
     args = ap.parse_args()
     folds = [layout.fold_number(d) for d in layout.fold_dirs(row_dir(args.run, "single US"))]
-    out = {"run": str(args.run), "commit": git_commit(), "finished": now(), "command": command(), "splits": {}}
-    for split in SPLITS:
-        per_fold = [fold_scores(args.run, f, split) for f in folds]
-        means = {name: 100 * v for name, v in fold_means(per_fold).items()}
-        out["splits"][split] = {"mean_macro_auc": means, "per_fold": per_fold}
-        print(split, "  ".join(f"{k}: {v:.1f}" for k, v in means.items()))
+    out = {"run": str(args.run), "commit": git_commit(), "finished": now(), "command": command()}
+    out["splits"] = score_splits(folds, lambda fold, file: fold_scores(args.run, fold, file))
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "late_fusion.json").write_text(json.dumps(out, indent=1))
 

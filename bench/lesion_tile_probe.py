@@ -27,17 +27,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import ROOT, append_jsonl, command, fold_means, quiet_logs  # noqa: E402
+from probe import standardised_logistic  # noqa: E402
 from search import DATA, row_config  # noqa: E402
 
 from breastfusion.datasets.mias import mias_lesions  # noqa: E402
@@ -65,10 +64,29 @@ def lesion_tile(mask: np.ndarray, tiles_per_side: int) -> int | None:
     return int(counts.argmax()) if counts.max() > 0 else None
 
 
-def fit_auc(x_train, y_train, x_test, y_test, c_reg: float) -> tuple[float, object]:
-    clf = make_pipeline(StandardScaler(), LogisticRegression(C=c_reg, max_iter=3000, class_weight="balanced"))
-    clf.fit(x_train, y_train)
-    return float(roc_auc_score(y_test, clf.predict_proba(x_test)[:, 1])), clf
+@dataclass
+class Film:
+    tiles: np.ndarray  # (T, C)
+    label: int  # Label index
+    lesion: int | None  # the tile that holds the located lesion, None if none is located
+    bilateral: np.ndarray  # (T, 2C): [tile, tile - the other breast's same tile]
+
+
+def fit_auc(x_train, y_train, x_test, y_test, c_reg: float) -> float:
+    clf = standardised_logistic(c_reg, balanced=True).fit(x_train, y_train)
+    return float(roc_auc_score(y_test, clf.predict_proba(x_test)[:, 1]))
+
+
+def suspicious_tile_auc(films: dict[str, Film], train, test, field: str, c_reg: float) -> float:
+    """Normal vs abnormal: a tile classifier fitted on the located lesion tiles of the training
+    films against every tile of the normal training films, a test film scored by its most
+    suspicious tile; `field` names the tile features ("tiles" or "bilateral")."""
+    pos = [getattr(films[c], field)[films[c].lesion] for c in train if films[c].lesion is not None]
+    neg = [t for c in train if films[c].label == 0 for t in getattr(films[c], field)]
+    y = np.array([1] * len(pos) + [0] * len(neg))
+    clf = standardised_logistic(c_reg, balanced=True).fit(np.stack(pos + neg), y)
+    worst = [clf.predict_proba(getattr(films[c], field))[:, 1].max() for c in test]
+    return float(roc_auc_score([films[c].label > 0 for c in test], worst))
 
 
 def main() -> None:
@@ -83,7 +101,7 @@ def main() -> None:
     data = prepare(read_manifest(ROOT / "runs" / "public" / DATA["mias"][0]), cfg, progress=False)
     lesions = {Path(p).stem: v for p, v in mias_lesions(MIAS_ROOT).items()}
     pre = data.source.cache(Modality.MG).preprocessor
-    images = {}  # case id -> (tiles (T, C), label index, lesion tile or None, [tiles, tiles - other's] (T, 2C))
+    films: dict[str, Film] = {}
     v = len(data.instances[0].mg) // 2
     for inst in data.instances:
         k = next(k for k in range(v) if inst.mg[k] is not None)
@@ -100,54 +118,41 @@ def main() -> None:
             for x, y, r in circles:
                 mask |= circle_mask(info.shape, (x, y), r)
             where = lesion_tile(to_model_space(mask, info, bb.image_size), per_side)
-        images[inst.case_id] = (grid, inst.label.index, where, np.concatenate([grid, diff], axis=1))
-    located = sum(w is not None for _, _, w, _ in images.values())
-    print(f"{len(images)} images, {located} with a lesion tile", flush=True)
+        films[inst.case_id] = Film(grid, inst.label.index, where, np.concatenate([grid, diff], axis=1))
+    located = sum(f.lesion is not None for f in films.values())
+    print(f"{len(films)} images, {located} with a lesion tile", flush=True)
     result = {"command": command(), "commit": git_commit(), "finished": now(), "overrides": args.sets,
               "c": args.c, "folds": []}
+
+    def means(cases):
+        return np.stack([films[c].tiles.mean(axis=0) for c in cases])
+
     for split in data.splits[: args.folds]:
-        train = [c for c in split.train if c in images]
-        test = [c for c in split.test if c in images]
+        train = [c for c in split.train if c in films]
+        test = [c for c in split.test if c in films]
         fold = {"fold": split.fold}
-        # normal vs abnormal
-        y_tr = np.array([images[c][1] > 0 for c in train])
-        y_te = np.array([images[c][1] > 0 for c in test])
-        mean_tr = np.stack([images[c][0].mean(axis=0) for c in train])
-        mean_te = np.stack([images[c][0].mean(axis=0) for c in test])
-        fold["abnormal: image mean"], _ = fit_auc(mean_tr, y_tr, mean_te, y_te, args.c)
-        pos = [images[c][0][images[c][2]] for c in train if images[c][2] is not None]
-        neg = [t for c in train if images[c][1] == 0 for t in images[c][0]]
-        x = np.stack(pos + neg)
-        y = np.array([1] * len(pos) + [0] * len(neg))
-        clf = make_pipeline(StandardScaler(), LogisticRegression(C=args.c, max_iter=3000, class_weight="balanced"))
-        clf.fit(x, y)
-        worst = [clf.predict_proba(images[c][0])[:, 1].max() for c in test]
-        fold["abnormal: most suspicious tile"] = float(roc_auc_score(y_te, worst))
-        pos = [images[c][3][images[c][2]] for c in train if images[c][2] is not None]
-        neg = [t for c in train if images[c][1] == 0 for t in images[c][3]]
-        clf.fit(np.stack(pos + neg), np.array([1] * len(pos) + [0] * len(neg)))
-        worst = [clf.predict_proba(images[c][3])[:, 1].max() for c in test]
-        fold["abnormal: most suspicious tile, bilateral"] = float(roc_auc_score(y_te, worst))
+        fold["abnormal: image mean"] = fit_auc(means(train), [films[c].label > 0 for c in train],
+                                               means(test), [films[c].label > 0 for c in test], args.c)
+        fold["abnormal: most suspicious tile"] = suspicious_tile_auc(films, train, test, "tiles", args.c)
+        fold["abnormal: most suspicious tile, bilateral"] = suspicious_tile_auc(films, train, test, "bilateral",
+                                                                                args.c)
         # benign vs malignant where the lesion is located
-        lab_tr = [c for c in train if images[c][2] is not None]
-        lab_te = [c for c in test if images[c][2] is not None]
-        yb_tr = np.array([images[c][1] == 2 for c in lab_tr])
-        yb_te = np.array([images[c][1] == 2 for c in lab_te])
+        lab_tr = [c for c in train if films[c].lesion is not None]
+        lab_te = [c for c in test if films[c].lesion is not None]
+        yb_tr = [films[c].label == 2 for c in lab_tr]
+        yb_te = [films[c].label == 2 for c in lab_te]
         if len(set(yb_te)) == 2 and len(set(yb_tr)) == 2:
-            fold["malignant: image mean"], _ = fit_auc(
-                np.stack([images[c][0].mean(axis=0) for c in lab_tr]), yb_tr,
-                np.stack([images[c][0].mean(axis=0) for c in lab_te]), yb_te, args.c)
-            fold["malignant: lesion tile (oracle)"], _ = fit_auc(
-                np.stack([images[c][0][images[c][2]] for c in lab_tr]), yb_tr,
-                np.stack([images[c][0][images[c][2]] for c in lab_te]), yb_te, args.c)
+            fold["malignant: image mean"] = fit_auc(means(lab_tr), yb_tr, means(lab_te), yb_te, args.c)
+            fold["malignant: lesion tile (oracle)"] = fit_auc(
+                np.stack([films[c].tiles[films[c].lesion] for c in lab_tr]), yb_tr,
+                np.stack([films[c].tiles[films[c].lesion] for c in lab_te]), yb_te, args.c)
         print(json.dumps(fold), flush=True)
         result["folds"].append(fold)
     result["mean"] = fold_means(result["folds"])
-    for k, v in result["mean"].items():
+    for k, val in result["mean"].items():
         n = sum(k in f for f in result["folds"])
-        print(f"{k}: test-split AUC {100 * v:.1f} ({n} folds)")
+        print(f"{k}: test-split AUC {100 * val:.1f} ({n} folds)")
     append_jsonl("lesion_tile_probe", result)
-
 
 if __name__ == "__main__":
     main()

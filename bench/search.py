@@ -21,15 +21,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, ROOT, command, quiet_logs  # noqa: E402
+from common import RESULTS, ROOT, command, patient_macro_auc, quiet_logs  # noqa: E402
 
 from breastfusion.config import RunConfig, override, to_dict  # noqa: E402
-from breastfusion.evaluation.aggregate import PROBA_COLUMNS, aggregate  # noqa: E402
-from breastfusion.evaluation.metrics import macro_auc  # noqa: E402
 from breastfusion.presets import cpu_reference, table3_rows  # noqa: E402
 from breastfusion.provenance import git_commit, now  # noqa: E402
 from breastfusion.records import read_manifest  # noqa: E402
@@ -82,11 +79,6 @@ def row_config(variant: str, extra: list[str]) -> RunConfig:
         key, _, value = item.partition("=")
         override(cfg, key, value)
     return cfg.validate()
-
-
-def patient_macro_auc(predictions: pd.DataFrame) -> float:
-    patients = aggregate(predictions, "mean")
-    return macro_auc(patients["label"].to_numpy(int), patients[PROBA_COLUMNS].to_numpy(float))
 
 
 def main() -> None:

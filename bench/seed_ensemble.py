@@ -26,31 +26,23 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, command, fold_means  # noqa: E402
+from common import RESULTS, command, patient_macro_auc, score_splits  # noqa: E402
 
-from breastfusion.evaluation.aggregate import PROBA_COLUMNS, aggregate  # noqa: E402
-from breastfusion.evaluation.metrics import macro_auc  # noqa: E402
+from breastfusion.evaluation.aggregate import PROBA_COLUMNS  # noqa: E402
 from breastfusion.inference import layout  # noqa: E402
 from breastfusion.provenance import git_commit, now  # noqa: E402
 
-SPLITS = {"test": layout.TEST_PREDICTIONS_FILE, "validation": layout.PREDICTIONS_FILE}
 
-
-def breast_auc(instances: pd.DataFrame) -> float:
-    breasts = aggregate(instances, "mean")
-    return macro_auc(breasts["label"].to_numpy(int), breasts[PROBA_COLUMNS].to_numpy(float))
-
-
-def fold_scores(runs: list[Path], fold: int, split: str) -> dict[str, float]:
-    tables = [pd.read_csv(run / f"fold_{fold}" / SPLITS[split]).set_index("instance_id") for run in runs]
+def fold_scores(runs: list[Path], fold: int, file: str) -> dict[str, float]:
+    tables = [pd.read_csv(run / f"fold_{fold}" / file).set_index("instance_id") for run in runs]
     ids = tables[0].index
     for t in tables[1:]:
         if not t.index.sort_values().equals(ids.sort_values()):
-            raise SystemExit(f"fold {fold} {split}: the runs hold different instances; same folds needed")
-    scores = {run.name: breast_auc(t.reset_index()) for run, t in zip(runs, tables, strict=True)}
+            raise SystemExit(f"fold {fold} {file}: the runs hold different instances; same folds needed")
+    scores = {run.name: patient_macro_auc(t.reset_index()) for run, t in zip(runs, tables, strict=True)}
     mean = tables[0].copy()
     mean[PROBA_COLUMNS] = np.mean([t.loc[ids, PROBA_COLUMNS].to_numpy(float) for t in tables], axis=0)
-    scores["ensemble"] = breast_auc(mean.reset_index())
+    scores["ensemble"] = patient_macro_auc(mean.reset_index())
     return scores
 
 
@@ -64,12 +56,8 @@ def main() -> None:
     if not folds:
         raise SystemExit("the runs share no fold")
     out = {"runs": [str(r) for r in args.runs], "folds": folds, "commit": git_commit(), "finished": now(),
-           "command": command(), "splits": {}}
-    for split in SPLITS:
-        per_fold = [fold_scores(args.runs, f, split) for f in folds]
-        means = {name: 100 * v for name, v in fold_means(per_fold).items()}
-        out["splits"][split] = {"mean_macro_auc": means, "per_fold": per_fold}
-        print(split, "  ".join(f"{k}: {v:.1f}" for k, v in means.items()))
+           "command": command()}
+    out["splits"] = score_splits(folds, lambda fold, file: fold_scores(args.runs, fold, file))
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"seed_ensemble-{args.runs[0].name}.json").write_text(json.dumps(out, indent=1))
 

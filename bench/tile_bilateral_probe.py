@@ -25,27 +25,22 @@ breast's views; tiles = the map averaged over k x k cells, as `attention_cell`):
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
-from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import ROOT, append_jsonl, command, fold_means, quiet_logs  # noqa: E402
+from probe import probe_folds  # noqa: E402
 from search import DATA, row_config  # noqa: E402
 
-from breastfusion.evaluation.metrics import macro_auc  # noqa: E402
 from breastfusion.provenance import git_commit, now  # noqa: E402
 from breastfusion.records import read_manifest  # noqa: E402
 from breastfusion.training.preparation import prepare  # noqa: E402
 from breastfusion.vocab import Modality  # noqa: E402
 
-DESIGNS = ("own", "pooled bilateral", "tile bilateral")
 C_VALUES = (0.001, 0.01, 0.1)
 
 
@@ -104,22 +99,8 @@ def main() -> None:
     labels = {i.case_id: i.label.index for i in data.instances}
     print(f"{len(vectors)} breasts; tiles of {cell} x {cell} map cells", flush=True)
     result = {"data": args.data, "command": command(), "commit": git_commit(), "finished": now(),
-              "overrides": args.sets, "folds": []}
-    for split in data.splits[: args.folds]:
-        train = [c for c in split.train if c in vectors]
-        test = [c for c in split.test if c in vectors]
-        y_train = np.array([labels[c] for c in train])
-        y_test = np.array([labels[c] for c in test])
-        fold = {"fold": split.fold}
-        for design in DESIGNS:
-            x_train = np.stack([vectors[c][design] for c in train])
-            x_test = np.stack([vectors[c][design] for c in test])
-            for c_reg in C_VALUES:
-                clf = make_pipeline(StandardScaler(), LogisticRegression(C=c_reg, max_iter=3000))
-                clf.fit(x_train, y_train)
-                fold[f"{design} C={c_reg}"] = macro_auc(y_test, clf.predict_proba(x_test))
-        print(json.dumps(fold), flush=True)
-        result["folds"].append(fold)
+              "overrides": args.sets}
+    result["folds"] = probe_folds(data.splits[: args.folds], vectors, labels, C_VALUES)
     result["mean"] = fold_means(result["folds"])
     for k, v in result["mean"].items():
         print(f"{k}: test-split macro AUC {100 * v:.1f}")
