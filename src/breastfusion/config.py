@@ -22,6 +22,7 @@ from .choices import (
     ChestWall,
     Choice,
     ColourPolicy,
+    FeatureLayer,
     FrozenStage,
     Fusion,
     FusionInit,
@@ -70,6 +71,9 @@ class BackboneConfig:
     # (on the 16 x 16 map of a 512 px image, k=4 gives 4 x 4 tiles of 128 px: table3-cpu's MG
     # branch; k=2 already cuts the scoring work about 10x against 256 single positions)
     attention_cell: int = field(default=1, metadata=at_least(1))
+    # the layer whose map is pooled: head (the last layer) | blocks (EfficientNet-Lite's last
+    # MBConv block, before its 1x1 head)
+    feature_layer: FeatureLayer = FeatureLayer.HEAD
 
 
 @dataclass
@@ -237,6 +241,9 @@ class RunConfig:
             if t.mode == TrainMode.CACHED and bb.pooling == Pooling.ATTENTION:
                 problems.append(f"backbone pooling 'attention' is learned and cached mode trains no backbone "
                                 f"({mod.value}): use train.mode partial (frozen: all keeps the rest fixed)")
+            if bb.feature_layer == FeatureLayer.BLOCKS and not bb.name.startswith("efficientnet_lite"):
+                problems.append(f"backbone feature_layer 'blocks' is EfficientNet-Lite's ({mod.value}: "
+                                f"{bb.name} pools its last layer; use feature_layer: head)")
             if t.mode == TrainMode.PARTIAL and bb.frozen == FrozenStage.NONE:
                 problems.append(f"train.mode partial needs a backbone frozen up to a stage ({mod.value}: "
                                 "frozen 'none'; stem, layer1, layer2, layer3, or all for a branch kept frozen)")

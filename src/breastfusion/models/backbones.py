@@ -24,11 +24,11 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from ..choices import FrozenStage, Pooling, Weights
+from ..choices import FeatureLayer, FrozenStage, Pooling, Weights
 from ..config import BackboneConfig
 from ..errors import WeightsError
 from .attention import SpatialAttentionPool
-from .efficientnet_lite import LITE_VARIANTS, EfficientNetLite, convert_lite_state_dict
+from .efficientnet_lite import LITE_VARIANTS, EfficientNetLite, convert_lite_state_dict, last_block_channels
 from .weights import read_state_dict
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -66,7 +66,8 @@ BASE_DIMS = {"resnet50": 2048, "resnet18": 512, "googlenet": 1024, "efficientnet
 
 def pooled_dim(cfg: BackboneConfig) -> int:
     """The feature dimension a backbone config gives (after its pooling), without building it."""
-    return BASE_DIMS[cfg.name] * (2 if cfg.pooling == Pooling.AVGMAX else 1)
+    base = last_block_channels(cfg.name) if cfg.feature_layer == FeatureLayer.BLOCKS else BASE_DIMS[cfg.name]
+    return base * (2 if cfg.pooling == Pooling.AVGMAX else 1)
 
 
 def pool(feature_map: torch.Tensor, how: str = Pooling.AVG, p: float = 3.0) -> torch.Tensor:
@@ -206,8 +207,12 @@ class Backbone(nn.Module):
 
 def build_backbone(cfg: BackboneConfig) -> Backbone:
     """Build, load weights, freeze. Raises WeightsError when weights cannot be had offline."""
+    if cfg.feature_layer == FeatureLayer.BLOCKS and cfg.name not in LITE_VARIANTS:
+        raise ValueError(f"feature_layer 'blocks' is EfficientNet-Lite's; {cfg.name} pools its last layer")
     build = functools.partial(_ARCHITECTURES[cfg.name], pooling=cfg.pooling, gem_p=cfg.gem_p,
                               attention_cell=cfg.attention_cell)
+    if cfg.name in LITE_VARIANTS:
+        build = functools.partial(build, head=cfg.feature_layer == FeatureLayer.HEAD)
     if cfg.weights in (Weights.NONE, "", None):
         # No pretrained weights: the architecture's own initialisation under a FIXED seed,
         # so that "weights: none" names one network (cached features, saved heads and
@@ -275,11 +280,14 @@ def _lite_stem(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return net.stem(x)
 
 
-def _lite(name: str, **pooling) -> Backbone:
-    net = EfficientNetLite(name)
+def _lite(name: str, head: bool = True, **pooling) -> Backbone:
+    """EfficientNet-Lite; head=False ends at the last MBConv block (feature_layer 'blocks'),
+    which is then also the Grad-CAM layer."""
+    net = EfficientNetLite(name, head=head)
     stages = net.stages()
     steps = _steps_of(net, stages, [("stem", _lite_stem)])
-    return Backbone(name, net, net.out_dim, stages, net.head, LITE_MEAN, LITE_STD, steps, **pooling)
+    cam_layer = net.head if head else net._blocks[-1]
+    return Backbone(name, net, net.out_dim, stages, cam_layer, LITE_MEAN, LITE_STD, steps, **pooling)
 
 
 _ARCHITECTURES = {
@@ -325,7 +333,7 @@ def load_weights(backbone: Backbone, weights: str) -> None:
     path = imagenet_weights_path(backbone.name) if weights == Weights.IMAGENET else Path(weights)
     state = read_state_dict(path)
     if backbone.name in LITE_VARIANTS:
-        state = convert_lite_state_dict(state)
+        state = convert_lite_state_dict(state, head=backbone.net.head is not None)
     state = {k.removeprefix("module."): v for k, v in state.items()
              if not k.startswith(("fc.", "aux1.", "aux2."))}
     try:

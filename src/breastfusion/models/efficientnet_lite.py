@@ -160,11 +160,10 @@ class EfficientNetLite(nn.Module):
 
     `variant` is a backbone name from LITE_VARIANTS ("efficientnet_lite0" .. "efficientnet_lite2").
     Module names follow the packaged checkpoints (`_conv_stem`, `_bn0`, `_blocks.N.*`) apart
-    from the head (`head.conv`, `head.bn`; see `convert_lite_state_dict`)."""
+    from the head (`head.conv`, `head.bn`; see `convert_lite_state_dict`). With head=False the
+    trunk ends at its last MBConv block (out_dim 320; Lite2: 352) and has no head module."""
 
-    out_dim = HEAD_CHANNELS
-
-    def __init__(self, variant: str = "efficientnet_lite0"):
+    def __init__(self, variant: str = "efficientnet_lite0", head: bool = True):
         super().__init__()
         if variant not in LITE_VARIANTS:
             raise ValueError(f"unknown EfficientNet-Lite variant {variant!r}; expected one of {tuple(LITE_VARIANTS)}")
@@ -178,7 +177,8 @@ class EfficientNetLite(nn.Module):
                 blocks.append(MBConv(expand, kernel, stride if i == 0 else 1, cin if i == 0 else cout, cout))
         self._blocks = nn.ModuleList(blocks)
         last = self.stage_table[-1][4]
-        self.head = ConvHead(SameConv2d(last, HEAD_CHANNELS, 1, bias=False), _bn(HEAD_CHANNELS))
+        self.head = ConvHead(SameConv2d(last, HEAD_CHANNELS, 1, bias=False), _bn(HEAD_CHANNELS)) if head else None
+        self.out_dim = HEAD_CHANNELS if head else last
 
     @property
     def native_size(self) -> int:
@@ -199,7 +199,8 @@ class EfficientNetLite(nn.Module):
         for _, _, stride, _, _, repeats in self.stage_table:
             output_stride *= stride
             layers[by_stride[output_stride]].extend(next(blocks) for _ in range(repeats))
-        layers["layer4"].append(self.head)
+        if self.head is not None:
+            layers["layer4"].append(self.head)
         return layers
 
     def stem(self, x: torch.Tensor) -> torch.Tensor:
@@ -210,19 +211,24 @@ class EfficientNetLite(nn.Module):
         x = self.stem(x)
         for block in self._blocks:
             x = block(x)
-        return self.head(x)
+        return x if self.head is None else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.flatten(F.adaptive_avg_pool2d(self.feature_map(x), 1), 1)
 
 
-def convert_lite_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def last_block_channels(variant: str) -> int:
+    """The channels of a variant's last MBConv block (its map without the head), without building it."""
+    return scaled_stages(LITE_VARIANTS[variant])[-1][4]
+
+
+def convert_lite_state_dict(state: dict[str, torch.Tensor], head: bool = True) -> dict[str, torch.Tensor]:
     """Map a packaged EfficientNet-Lite checkpoint's names onto `EfficientNetLite`
-    (drops the ImageNet classifier `_fc.*`)."""
+    (drops the ImageNet classifier `_fc.*`, and the 1x1 head too for a trunk built without it)."""
     renames = {"_conv_head.": "head.conv.", "_bn1.": "head.bn."}
     out = {}
     for key, value in state.items():
-        if key.startswith("_fc."):
+        if key.startswith("_fc.") or (not head and key.startswith(tuple(renames))):
             continue
         for old, new in renames.items():
             if key.startswith(old):

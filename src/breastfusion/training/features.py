@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..choices import ActivationDtype, Pooling, Weights
+from ..choices import ActivationDtype, FeatureLayer, FrozenStage, Pooling, Weights
 from ..config import BackboneConfig
 from ..errors import InputImageError, WeightsError
 from ..files import save_npy, sha256_file, write_text
@@ -130,6 +130,8 @@ class FeatureStore:
         if stage is not None:
             self.key.update(stage=stage, dtype=np.dtype(self.dtype).name)
             self.key.pop("pooling", None)  # activations come before the pooling
+        if backbone_cfg.feature_layer != FeatureLayer.HEAD and stage in (None, FrozenStage.ALL):
+            self.key["feature_layer"] = backbone_cfg.feature_layer  # (activations of earlier stages share theirs)
         spec_hash = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:16]
         self.dir = Path(cache_dir) / "features" / spec_hash
         self.computed = 0  # images whose features this store computed (not read from disk)
