@@ -10,6 +10,10 @@ and its row is appended to the log table of ``docs/results/search.md``, the reco
 
     python bench/search.py --data busi --variant us-lite0-224-l3
     python bench/search.py --data busi --variant NAME --set train.lr=1e-4 --label lr1e-4
+
+A run interrupted (or extended with a larger ``--folds``) is resumed by the same command: the
+folds it finished are read back with the time they took. A label names one config; another
+config under the same label is refused.
 """
 
 from __future__ import annotations
@@ -97,31 +101,63 @@ def main() -> None:
     cfg = row_config(args.variant, args.sets)
     label = args.label or args.variant
     out = Path(args.out) / args.data / label
-    out.mkdir(parents=True, exist_ok=True)
+    claim_run_dir(out, cfg)
     manifest = read_manifest(manifest_file)
     start = time.perf_counter()
     data = prepare(manifest, cfg, progress=False)
     prepared = time.perf_counter() - start
     folds = []
     for split in data.splits[: args.folds]:
-        t0 = time.perf_counter()
         fold_dir = out / f"fold_{split.fold}"
-        val = run_fold(data, split, cfg, fold_dir, progress=False)
-        fit = json.loads((fold_dir / "fit.json").read_text())
-        folds.append({"fold": split.fold, "test_score": fit["best_test_score"], "best_epoch": fit["best_epoch"],
-                      "val_patient_macro_auc": patient_macro_auc(val), "seconds": time.perf_counter() - t0})
-        print(f"{label} fold {split.fold}: test {fit['best_test_score']:.4f} (epoch {fit['best_epoch']}) "
-              f"val {folds[-1]['val_patient_macro_auc']:.4f} {folds[-1]['seconds']:.0f} s", flush=True)
+        folds.append(finished_fold(fold_dir) or train_fold(data, split, cfg, fold_dir))
+        f = folds[-1]
+        print(f"{label} fold {split.fold}: test {f['test_score']:.4f} (epoch {f['best_epoch']}) "
+              f"val {f['val_patient_macro_auc']:.4f} {f['seconds']:.0f} s" + (" (done before)" if f["resumed"] else ""),
+              flush=True)
     entry = {"data": args.data, "label": label, "variant": args.variant, "row": cfg.name,
              "overrides": VARIANTS[args.variant][1] + args.sets, "folds": folds,
              "test_score": float(np.mean([f["test_score"] for f in folds])),
              "val_patient_macro_auc": float(np.mean([f["val_patient_macro_auc"] for f in folds])),
-             "prepare_seconds": prepared, "seconds": time.perf_counter() - start,
+             "prepare_seconds": prepared,
+             "seconds": time.perf_counter() - start + sum(f["seconds"] for f in folds if f["resumed"]),
              "commit": git_commit(), "finished": now(), "command": command(), "config": to_dict(cfg)}
     RESULTS.mkdir(parents=True, exist_ok=True)
     with open(RESULTS / "search.jsonl", "a") as fh:
         fh.write(json.dumps(entry) + "\n")
     write_doc(entry)
+
+
+RUN_CONFIG = "search_config.json"  # the run's whole config: a label names one setting
+FOLD_RECORD = "search_fold.json"  # a fold's figures and its training time, written when it is done
+
+
+def claim_run_dir(out: Path, cfg: RunConfig) -> None:
+    """Create the run's folder, or check that the one there holds a run of the same config (its
+    finished folds are then read back, not trained again)."""
+    config = json.dumps(to_dict(cfg), sort_keys=True, indent=1)
+    file = out / RUN_CONFIG
+    if file.is_file() and file.read_text() != config:
+        sys.exit(f"{out} holds a run of another config; choose another --label or remove the folder")
+    if not file.is_file() and any(out.glob("fold_*")):
+        sys.exit(f"{out} holds folds of an unrecorded config; choose another --label or remove the folder")
+    out.mkdir(parents=True, exist_ok=True)
+    file.write_text(config)
+
+
+def train_fold(data, split, cfg: RunConfig, fold_dir: Path) -> dict:
+    t0 = time.perf_counter()
+    val = run_fold(data, split, cfg, fold_dir, progress=False)
+    fit = json.loads((fold_dir / "fit.json").read_text())
+    record = {"fold": split.fold, "test_score": fit["best_test_score"], "best_epoch": fit["best_epoch"],
+              "val_patient_macro_auc": patient_macro_auc(val), "seconds": time.perf_counter() - t0}
+    (fold_dir / FOLD_RECORD).write_text(json.dumps(record))
+    return {**record, "resumed": False}
+
+
+def finished_fold(fold_dir: Path) -> dict | None:
+    """A fold an earlier run of the same config finished (its figures and the time it took then)."""
+    file = fold_dir / FOLD_RECORD
+    return {**json.loads(file.read_text()), "resumed": True} if file.is_file() else None
 
 
 MARKER = "<!-- search:log -->"
