@@ -23,6 +23,7 @@ from breastfusion.records import read_manifest
 from breastfusion.training.augment import Augment
 from breastfusion.training.data import FeatureInstances, ImageInstances
 from breastfusion.training.features import FeatureStore
+from breastfusion.training.loop import make_optimizer
 from breastfusion.vocab import Modality
 
 from conftest import tiny_model_config, write_tiny_cohort
@@ -271,3 +272,23 @@ def test_stored_activations_hold_no_memory_map_between_reads(tmp_path):
     row, whole = first[1], np.asarray(first, dtype=np.float32)
     assert first.shape == whole.shape and len(first) == 2 and np.array_equal(row, whole[1])
     assert str(store.dir) not in Path("/proc/self/maps").read_text()
+
+
+def test_backbone_lr_scale_puts_only_the_pretrained_layers_in_a_slower_group(tmp_path):
+    """train.backbone_lr_scale: the trainable stages of the pretrained networks learn at lr x scale;
+    the heads and the (new) attention pooling at lr. At scale 1: one group, as before."""
+    bb = BackboneConfig(name="resnet18", weights="none", frozen="layer3", image_size=32, pooling="attention")
+    cfg = tiny_model_config(backbone=bb)
+    net = BreastFusionNet(cfg)
+    trainable = {id(p) for p in net.parameters() if p.requires_grad}
+    layer4 = {id(p) for b in (net.mg_backbone, net.us_backbone) for p in b.net.layer4.parameters()}
+    assert layer4 and layer4 < trainable
+    one = make_optimizer(net, TrainConfig(lr=1e-3))
+    assert len(one.param_groups) == 1 and {id(p) for p in one.param_groups[0]["params"]} == trainable
+    two = make_optimizer(net, TrainConfig(lr=1e-3, optimizer="adamw", backbone_lr_scale=0.1))
+    head, slow = two.param_groups
+    assert head["lr"] == 1e-3 and slow["lr"] == pytest.approx(1e-4)
+    assert {id(p) for p in slow["params"]} == layer4
+    assert {id(p) for p in head["params"]} == trainable - layer4
+    pools = {id(p) for b in (net.mg_backbone, net.us_backbone) for p in b.attention_pool.parameters()}
+    assert pools and pools <= {id(p) for p in head["params"]}

@@ -162,6 +162,9 @@ class TrainConfig:
     optimizer: Optimizer = Optimizer.SGD
     lr: float = field(default=1e-3, metadata={"positive": True})
     momentum: float = 0.9  # our choice: the paper names SGD without momentum details
+    # The pretrained backbones' trainable stages learn at lr x this (discriminative learning rates:
+    # below 1 they move less than the new layers; heads and the learned attention pooling keep lr).
+    backbone_lr_scale: float = field(default=1.0, metadata={"positive": True})
     weight_decay: float = 0.0
     batch_size: int = field(default=16, metadata=at_least(1))
     hflip_p: float = 0.5  # train-time augmentation (paper: random flip and rotation)

@@ -25,6 +25,7 @@ from ..choices import Optimizer, SelectBy
 from ..config import TrainConfig
 from ..evaluation.metrics import macro_auc
 from ..inference.runtime import autocast, maybe_compile, memory_format, to_device
+from ..models.backbones import Backbone
 from ..models.network import NetOutput
 from ..vocab import N_CLASSES
 from .checkpoint import FitResult, read_checkpoint, restore_checkpoint, save_checkpoint
@@ -74,7 +75,15 @@ def global_loss_of(out: NetOutput, target: torch.Tensor, weight: torch.Tensor, a
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+    """The configured optimizer over the trainable parameters; with `backbone_lr_scale` != 1 the
+    pretrained networks inside the backbones (`Backbone.net`) form a second group at lr x scale."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    params: list = trainable
+    if cfg.backbone_lr_scale != 1.0:
+        pretrained = {id(p) for m in model.modules() if isinstance(m, Backbone) for p in m.net.parameters()}
+        groups = [{"params": [p for p in trainable if id(p) not in pretrained]},
+                  {"params": [p for p in trainable if id(p) in pretrained], "lr": cfg.lr * cfg.backbone_lr_scale}]
+        params = [g for g in groups if g["params"]]
     if cfg.optimizer == Optimizer.ADAMW:
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
