@@ -22,11 +22,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ROOT, append_jsonl, command, fold_means, quiet_logs  # noqa: E402
-from probe import probe_folds  # noqa: E402
+from common import ROOT, quiet_logs  # noqa: E402
+from probe import run_probe  # noqa: E402
 from search import DATA, row_config  # noqa: E402
 
-from breastfusion.provenance import git_commit, now  # noqa: E402
 from breastfusion.records import read_manifest  # noqa: E402
 from breastfusion.training.preparation import prepare  # noqa: E402
 
@@ -71,12 +70,8 @@ def main() -> None:
     feats, labels, groups = breast_features(data)
     other = contralateral(feats, groups)
     print(f"{len(feats)} breasts, {sum(o is not None for o in other.values())} with the other breast")
-    result = {"command": command(), "commit": git_commit(), "finished": now(), "overrides": args.sets}
-    result["folds"] = probe_folds(data.splits[: args.folds], designs(feats, other), labels, (0.01, 0.1, 1.0))
-    result["mean"] = fold_means(result["folds"])
-    for k, v in result["mean"].items():
-        print(f"{k}: test-split macro AUC {v:.3f}")
-    append_jsonl("bilateral_probe", result)
+    run_probe("bilateral_probe", data.splits[: args.folds], designs(feats, other), labels, (0.01, 0.1, 1.0),
+              overrides=args.sets)
 
 
 if __name__ == "__main__":

@@ -29,12 +29,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ROOT, append_jsonl, command, fold_means, quiet_logs  # noqa: E402
-from probe import probe_folds  # noqa: E402
+from common import ROOT, quiet_logs  # noqa: E402
+from probe import run_probe  # noqa: E402
 from search import DATA, row_config  # noqa: E402
 
 from breastfusion.models.backbones import build_backbone, pool  # noqa: E402
-from breastfusion.provenance import git_commit, now  # noqa: E402
 from breastfusion.records import read_manifest  # noqa: E402
 from breastfusion.training.preparation import prepare  # noqa: E402
 from breastfusion.vocab import Modality  # noqa: E402
@@ -82,12 +81,7 @@ def main() -> None:
             vectors[inst.case_id][f"{tap} bilateral"] = np.concatenate([mine, diff, [float(bool(other))]])
     taps = [k for k in next(iter(vectors.values())) if not k.endswith("bilateral")]
     print(f"{len(vectors)} breasts; taps {taps}")
-    result = {"command": command(), "commit": git_commit(), "finished": now(), "overrides": args.sets}
-    result["folds"] = probe_folds(data.splits[: args.folds], vectors, labels, (0.001, 0.01, 0.1))
-    result["mean"] = fold_means(result["folds"])
-    for k, v in result["mean"].items():
-        print(f"{k}: test-split macro AUC {100 * v:.1f}")
-    append_jsonl("depth_probe", result)
+    run_probe("depth_probe", data.splits[: args.folds], vectors, labels, (0.001, 0.01, 0.1), overrides=args.sets)
 
 
 if __name__ == "__main__":

@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 
 import numpy as np
+from common import append_jsonl, command, fold_means
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from breastfusion.evaluation.metrics import macro_auc
+from breastfusion.provenance import git_commit, now
 
 
 def standardised_logistic(c: float, balanced: bool = False) -> Pipeline:
@@ -44,3 +46,16 @@ def probe_folds(splits, vectors: dict[str, dict[str, np.ndarray]], labels: dict[
         print(json.dumps(fold), flush=True)
         folds.append(fold)
     return folds
+
+
+def run_probe(name: str, splits, vectors: dict[str, dict[str, np.ndarray]], labels: dict[str, int], c_values,
+              **fields) -> dict:
+    """`probe_folds`, then each design's mean over the folds printed and the whole result
+    (with `fields`, the command and the commit) appended to bench/results/NAME.jsonl."""
+    result = {**fields, "command": command(), "commit": git_commit(), "finished": now()}
+    result["folds"] = probe_folds(splits, vectors, labels, c_values)
+    result["mean"] = fold_means(result["folds"])
+    for k, v in result["mean"].items():
+        print(f"{k}: test-split macro AUC {100 * v:.1f}")
+    append_jsonl(name, result)
+    return result

@@ -32,11 +32,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ROOT, append_jsonl, command, fold_means, quiet_logs  # noqa: E402
-from probe import probe_folds  # noqa: E402
+from common import ROOT, quiet_logs  # noqa: E402
+from probe import run_probe  # noqa: E402
 from search import DATA, row_config  # noqa: E402
 
-from breastfusion.provenance import git_commit, now  # noqa: E402
 from breastfusion.records import read_manifest  # noqa: E402
 from breastfusion.training.preparation import prepare  # noqa: E402
 from breastfusion.vocab import Modality  # noqa: E402
@@ -98,13 +97,8 @@ def main() -> None:
     vectors = breast_vectors(data, cell)
     labels = {i.case_id: i.label.index for i in data.instances}
     print(f"{len(vectors)} breasts; tiles of {cell} x {cell} map cells", flush=True)
-    result = {"data": args.data, "command": command(), "commit": git_commit(), "finished": now(),
-              "overrides": args.sets}
-    result["folds"] = probe_folds(data.splits[: args.folds], vectors, labels, C_VALUES)
-    result["mean"] = fold_means(result["folds"])
-    for k, v in result["mean"].items():
-        print(f"{k}: test-split macro AUC {100 * v:.1f}")
-    append_jsonl("tile_bilateral_probe", result)
+    run_probe("tile_bilateral_probe", data.splits[: args.folds], vectors, labels, C_VALUES, data=args.data,
+              overrides=args.sets)
 
 
 if __name__ == "__main__":
