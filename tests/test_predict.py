@@ -590,15 +590,17 @@ def test_head_graphs_of_other_heads_match_pytorch(variant, tmp_path):
     np.testing.assert_allclose(got, ref, atol=1e-5)
 
 
-def test_backbone_graph_with_attention_over_tiles_matches_pytorch(tmp_path):
+@pytest.mark.parametrize("layer", ["head", "blocks"])
+def test_backbone_graph_with_attention_over_tiles_matches_pytorch(tmp_path, layer):
     """A partial-mode MG encoder whose pooling is attention over 2 x 2 tiles (an odd map side:
-    the last tile is partial) exports to ONNX and ONNX Runtime computes what PyTorch does."""
+    the last tile is partial) exports to ONNX and ONNX Runtime computes what PyTorch does; also
+    when it pools the last block's map instead of the head's (feature_layer 'blocks')."""
     from breastfusion.models.backbones import build_backbone
     from breastfusion.predict.onnx import _check, _Encoder, _export
 
     torch.manual_seed(0)
     bb = build_backbone(BackboneConfig(name="efficientnet_lite0", weights="none", frozen="all", image_size=160,
-                                       pooling="attention", attention_cell=2))
+                                       pooling="attention", attention_cell=2, feature_layer=layer))
     torch.nn.init.normal_(bb.attention_pool.cells.score[0].weight, std=0.5)  # weights far from uniform
     enc = _Encoder(bb, TrainConfig(mode="partial")).eval()
     assert bb.feature_map(torch.rand(1, 1, 160, 160)).shape[-1] == 5  # 5 x 5 cells -> 3 x 3 tiles
