@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bilateral_probe import designs  # noqa: E402
 from common import ROOT, quiet_logs  # noqa: E402
 from probe import run_probe  # noqa: E402
 from search import DATA, row_config  # noqa: E402
@@ -65,21 +66,22 @@ def main() -> None:
     data = prepare(read_manifest(ROOT / "runs" / "public" / DATA["cdd-cesm"][0]), cfg, progress=False)
     backbone = build_backbone(cfg.model.backbone_for(Modality.MG)).eval()
     per_image = {path: tapped(backbone, copies[0]) for path, copies in data.features.items()}
-    vectors, labels = {}, {}
+    own, other, labels = {}, {}, {}  # case -> tap -> the views' mean (other breast: None if missing)
     for inst in data.instances:  # with model.bilateral, inst.mg = this breast's views, then the other's
         v = len(inst.mg) // 2
-        own = [per_image[r.path] for r in inst.mg[:v] if r is not None and r.path in per_image]
-        other = [per_image[r.path] for r in inst.mg[v:] if r is not None and r.path in per_image]
-        if not own:
-            continue
-        labels[inst.case_id] = inst.label.index
-        vectors[inst.case_id] = {}
-        for tap in own[0]:
-            mine = np.mean([f[tap] for f in own], axis=0)
-            diff = mine - np.mean([f[tap] for f in other], axis=0) if other else np.zeros_like(mine)
-            vectors[inst.case_id][tap] = mine
-            vectors[inst.case_id][f"{tap} bilateral"] = np.concatenate([mine, diff, [float(bool(other))]])
-    taps = [k for k in next(iter(vectors.values())) if not k.endswith("bilateral")]
+        mine = [per_image[r.path] for r in inst.mg[:v] if r is not None and r.path in per_image]
+        theirs = [per_image[r.path] for r in inst.mg[v:] if r is not None and r.path in per_image]
+        if mine:
+            labels[inst.case_id] = inst.label.index
+            own[inst.case_id] = {t: np.mean([f[t] for f in mine], axis=0) for t in mine[0]}
+            other[inst.case_id] = {t: np.mean([f[t] for f in theirs], axis=0) for t in mine[0]} if theirs else None
+    taps = list(next(iter(own.values())))
+    vectors: dict[str, dict[str, np.ndarray]] = {c: {} for c in own}
+    for tap in taps:  # the bilateral probe's two designs, per tap
+        per_tap = designs({c: f[tap] for c, f in own.items()},
+                          {c: None if o is None else o[tap] for c, o in other.items()})
+        for c, d in per_tap.items():
+            vectors[c][tap], vectors[c][f"{tap} bilateral"] = d["own"], d["bilateral"]
     print(f"{len(vectors)} breasts; taps {taps}")
     run_probe("depth_probe", data.splits[: args.folds], vectors, labels, (0.001, 0.01, 0.1), overrides=args.sets)
 

@@ -48,14 +48,18 @@ def probe_folds(splits, vectors: dict[str, dict[str, np.ndarray]], labels: dict[
     return folds
 
 
-def run_probe(name: str, splits, vectors: dict[str, dict[str, np.ndarray]], labels: dict[str, int], c_values,
-              **fields) -> dict:
-    """`probe_folds`, then each design's mean over the folds printed and the whole result
-    (with `fields`, the command and the commit) appended to bench/results/NAME.jsonl."""
-    result = {**fields, "command": command(), "commit": git_commit(), "finished": now()}
-    result["folds"] = probe_folds(splits, vectors, labels, c_values)
-    result["mean"] = fold_means(result["folds"])
+def record_probe(name: str, folds: list[dict], **fields) -> dict:
+    """Each figure's mean over the folds printed, and the whole result (with `fields`, the
+    command and the commit) appended to bench/results/NAME.jsonl."""
+    result = {**fields, "command": command(), "commit": git_commit(), "finished": now(), "folds": folds,
+              "mean": fold_means(folds)}
     for k, v in result["mean"].items():
         print(f"{k}: test-split macro AUC {100 * v:.1f}")
     append_jsonl(name, result)
     return result
+
+
+def run_probe(name: str, splits, vectors: dict[str, dict[str, np.ndarray]], labels: dict[str, int], c_values,
+              **fields) -> dict:
+    """`probe_folds`, recorded by `record_probe`."""
+    return record_probe(name, probe_folds(splits, vectors, labels, c_values), **fields)

@@ -27,14 +27,14 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ROOT, append_jsonl, command, fold_means, patient_macro_auc, quiet_logs  # noqa: E402
+from common import ROOT, patient_macro_auc, quiet_logs  # noqa: E402
+from probe import record_probe  # noqa: E402
 from search import DATA, row_config  # noqa: E402
 
 from breastfusion.evaluation.aggregate import PROBA_COLUMNS  # noqa: E402
 from breastfusion.inference.layout import MODEL_FILE  # noqa: E402
 from breastfusion.inference.networks import trained_net  # noqa: E402
 from breastfusion.models.weights import read_state_dict  # noqa: E402
-from breastfusion.provenance import git_commit, now  # noqa: E402
 from breastfusion.records import read_manifest  # noqa: E402
 from breastfusion.training.data import FeatureInstances  # noqa: E402
 from breastfusion.training.fold import _prediction_table  # noqa: E402
@@ -82,11 +82,7 @@ def main() -> None:
         fold = {"fold": split.fold, "plain": patient_macro_auc(probs[0]), f"mean of {copies}": patient_macro_auc(mean)}
         print(json.dumps(fold), flush=True)
         folds.append(fold)
-    result = {"data": args.data, "run": args.run, "command": command(), "commit": git_commit(), "finished": now(),
-              "folds": folds, "mean": fold_means(folds)}
-    for k, v in result["mean"].items():
-        print(f"{k}: test-split macro AUC {100 * v:.1f}")
-    append_jsonl("tta_probe", result)
+    record_probe("tta_probe", folds, data=args.data, run=args.run)
 
 
 if __name__ == "__main__":
