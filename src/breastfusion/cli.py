@@ -648,3 +648,50 @@ def compare(runs: tuple[str, ...], labels: tuple[str, ...], out_md: str | None) 
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
+@main.group("cache")
+def cache_group() -> None:
+    """What the preprocessing and feature caches hold (`cache list`), and removing entries
+    (`cache prune`). A removed entry is recomputed by the next run that needs it."""
+
+
+def _cache_dir_option(f):
+    from .config import TrainConfig
+
+    return click.option("--cache-dir", default=TrainConfig().cache_dir, show_default=True,
+                        type=click.Path(file_okay=False), help="The cache folder.")(f)
+
+
+@cache_group.command("list")
+@_cache_dir_option
+def cache_list(cache_dir: str) -> None:
+    """Every entry, largest first: size, files, when last used, its parameters."""
+    from .caches import entries, table
+
+    click.echo(table(entries(cache_dir)))
+
+
+@cache_group.command("prune")
+@_cache_dir_option
+@click.argument("names", nargs=-1)
+@click.option("--older-than", "older_than", type=float, default=None,
+              help="Also remove every entry last used more than this many days ago.")
+@click.option("--dry-run", is_flag=True, help="Say what would be removed; remove nothing.")
+def cache_prune(cache_dir: str, names: tuple[str, ...], older_than: float | None, dry_run: bool) -> None:
+    """Remove the entries NAMES (hashes as `cache list` prints them, or a unique start of one)
+    and, with --older-than, the stale ones. Do not prune an entry a running command is filling."""
+    from .caches import chosen, entries, human_bytes, prune, table
+    from .errors import ConfigError
+
+    if not names and older_than is None:
+        raise ConfigError("name the entries to remove (see `breastfusion cache list`) or give --older-than DAYS")
+    victims = chosen(entries(cache_dir), names, older_than)
+    if not victims:
+        click.echo("nothing to remove")
+        return
+    click.echo(table(victims))
+    if dry_run:
+        click.echo(f"dry run: would free {human_bytes(sum(e.bytes for e in victims))}")
+        return
+    click.echo(f"removed {len(victims)} entries, freed {human_bytes(prune(victims))}")

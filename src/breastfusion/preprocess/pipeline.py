@@ -30,6 +30,7 @@ are atomic (temporary file + os.replace). Content hashes are memoised per
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -194,6 +195,7 @@ class PreprocessCache:
         arr = self._read(file)
         if arr is not None:
             self.reused += 1
+            self._mark_used()
             return arr
         arr, info = self.preprocessor.process_info(path, modality, side)
         self._store(file, arr, info.notes())
@@ -250,6 +252,15 @@ class PreprocessCache:
         without reading a result that is there already (`get` checks it when it is used)."""
         if not self.file_for(path, modality, side).is_file():
             self.get(path, modality, side)
+
+    def _mark_used(self) -> None:
+        """Once per cache object, the entry's key.json touched: its time says when the entry was
+        last used (`breastfusion cache list`), not only when it was last added to. A read-only
+        cache is read all the same."""
+        if not self._key_written:
+            self._key_written = True
+            with contextlib.suppress(OSError):
+                os.utime(self.dir / "key.json")
 
     def _store(self, file: Path, arr: np.ndarray, notes: tuple[str, ...]) -> None:
         if not self._key_written:
