@@ -26,7 +26,6 @@ caveat would not be worth building anyway.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -37,14 +36,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bilateral_probe import designs  # noqa: E402
-from common import ROOT, quiet_logs  # noqa: E402
-from probe import run_probe  # noqa: E402
-from search import DATA, row_config  # noqa: E402
+from probe import branch_data, breast_vectors, probe_arguments, run_probe  # noqa: E402
 
 from breastfusion.models.backbones import build_backbone, pool  # noqa: E402
-from breastfusion.records import read_manifest  # noqa: E402
-from breastfusion.training.preparation import prepare  # noqa: E402
 from breastfusion.vocab import Modality  # noqa: E402
 
 
@@ -84,38 +78,10 @@ def pooled(backbone, records, source, batch: int) -> dict[str, dict[str, np.ndar
     return out
 
 
-def breast_vectors(data, per_image, tag: str):
-    """case -> {"TAG POOL": own, "TAG POOL bilateral": [own, own - other, has other]}, labels."""
-    own, other, labels = {}, {}, {}
-    for inst in data.instances:  # with model.bilateral, inst.mg = this breast's views, then the other's
-        v = len(inst.mg) // 2
-        mine = [per_image[r.path] for r in inst.mg[:v] if r is not None and r.path in per_image]
-        theirs = [per_image[r.path] for r in inst.mg[v:] if r is not None and r.path in per_image]
-        if mine:
-            labels[inst.case_id] = inst.label.index
-            own[inst.case_id] = {t: np.mean([f[t] for f in mine], axis=0) for t in mine[0]}
-            other[inst.case_id] = {t: np.mean([f[t] for f in theirs], axis=0) for t in mine[0]} if theirs else None
-    vectors: dict[str, dict[str, np.ndarray]] = {c: {} for c in own}
-    for tap in next(iter(own.values())):
-        per_tap = designs({c: f[tap] for c, f in own.items()},
-                          {c: None if o is None else o[tap] for c, o in other.items()})
-        for c, d in per_tap.items():
-            vectors[c][f"{tag} {tap}"], vectors[c][f"{tag} {tap} bilateral"] = d["own"], d["bilateral"]
-    return vectors, labels
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", choices=("cdd-cesm", "mias"), default="cdd-cesm")
-    ap.add_argument("--set", dest="sets", action="append", default=[])
-    ap.add_argument("--folds", type=int, default=10)
-    ap.add_argument("--batch", type=int, default=16, help="images per BatchNorm statistics batch")
-    args = ap.parse_args()
-    quiet_logs()
-    cfg = row_config("mg-frozen-partialtrain", args.sets)
-    if not cfg.model.bilateral:
-        raise SystemExit("the probe needs the other breast: add --set model.bilateral=true")
-    data = prepare(read_manifest(ROOT / "runs" / "public" / DATA[args.data][0]), cfg, progress=False)
+    args = probe_arguments(__doc__, extra=lambda ap: ap.add_argument(
+        "--batch", type=int, default=16, help="images per BatchNorm statistics batch"))
+    cfg, data = branch_data(args.data, args.sets)
     records = list({r.path: r for i in data.instances for r in i.mg if r is not None}.values())
     backbone = build_backbone(cfg.model.backbone_for(Modality.MG)).eval()
     start = time.perf_counter()

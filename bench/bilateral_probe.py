@@ -14,7 +14,6 @@ breast appended. Features come from the same cache as the search runs (bench/sea
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -22,12 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ROOT, quiet_logs  # noqa: E402
-from probe import run_probe  # noqa: E402
-from search import DATA, row_config  # noqa: E402
-
-from breastfusion.records import read_manifest  # noqa: E402
-from breastfusion.training.preparation import prepare  # noqa: E402
+from probe import branch_data, designs, probe_arguments, run_probe  # noqa: E402
 
 
 def breast_features(data) -> tuple[dict[str, np.ndarray], dict[str, int], dict[str, str]]:
@@ -48,25 +42,9 @@ def contralateral(feats: dict[str, np.ndarray], groups: dict[str, str]) -> dict[
     return {case: next((feats[o] for o in by_group[groups[case]] if o != case), None) for case in feats}
 
 
-def designs(feats, other) -> dict[str, dict[str, np.ndarray]]:
-    """case -> {"own": its features, "bilateral": [own, own - other, has other]} (zeros and a 0
-    flag where the other breast is missing)."""
-    out = {}
-    for c, own in feats.items():
-        has = other[c] is not None
-        diff = own - other[c] if has else np.zeros_like(own)
-        out[c] = {"own": own, "bilateral": np.concatenate([own, diff, [float(has)]])}
-    return out
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--set", dest="sets", action="append", default=[])
-    ap.add_argument("--folds", type=int, default=3)
-    args = ap.parse_args()
-    quiet_logs()
-    cfg = row_config("mg-frozen-128", args.sets)  # the single MG row of the first CPU preset
-    data = prepare(read_manifest(ROOT / "runs" / "public" / DATA["cdd-cesm"][0]), cfg, progress=False)
+    args = probe_arguments(__doc__, ("cdd-cesm",), folds=3)
+    _, data = branch_data(args.data, args.sets, "mg-frozen-128", bilateral=False)  # the first CPU preset's MG row
     feats, labels, groups = breast_features(data)
     other = contralateral(feats, groups)
     print(f"{len(feats)} breasts, {sum(o is not None for o in other.values())} with the other breast")

@@ -20,7 +20,6 @@ of the search run ``mg-lite2-512-att4-bilateral-layer3``); the later stages are 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -29,14 +28,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bilateral_probe import designs  # noqa: E402
-from common import ROOT, quiet_logs  # noqa: E402
-from probe import run_probe  # noqa: E402
-from search import DATA, row_config  # noqa: E402
+from probe import branch_data, breast_vectors, probe_arguments, run_probe  # noqa: E402
 
 from breastfusion.models.backbones import build_backbone, pool  # noqa: E402
-from breastfusion.records import read_manifest  # noqa: E402
-from breastfusion.training.preparation import prepare  # noqa: E402
 from breastfusion.vocab import Modality  # noqa: E402
 
 
@@ -55,33 +49,12 @@ def tapped(backbone, stride16: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--set", dest="sets", action="append", default=[])
-    ap.add_argument("--folds", type=int, default=10)
-    args = ap.parse_args()
-    quiet_logs()
-    cfg = row_config("mg-frozen-partialtrain", [*args.sets, "model.backbone.frozen=layer3"])
-    if not cfg.model.bilateral:
-        raise SystemExit("the probe needs the other breast: add --set model.bilateral=true")
-    data = prepare(read_manifest(ROOT / "runs" / "public" / DATA["cdd-cesm"][0]), cfg, progress=False)
+    args = probe_arguments(__doc__, ("cdd-cesm",))
+    cfg, data = branch_data(args.data, [*args.sets, "model.backbone.frozen=layer3"])
     backbone = build_backbone(cfg.model.backbone_for(Modality.MG)).eval()
     per_image = {path: tapped(backbone, copies[0]) for path, copies in data.features.items()}
-    own, other, labels = {}, {}, {}  # case -> tap -> the views' mean (other breast: None if missing)
-    for inst in data.instances:  # with model.bilateral, inst.mg = this breast's views, then the other's
-        v = len(inst.mg) // 2
-        mine = [per_image[r.path] for r in inst.mg[:v] if r is not None and r.path in per_image]
-        theirs = [per_image[r.path] for r in inst.mg[v:] if r is not None and r.path in per_image]
-        if mine:
-            labels[inst.case_id] = inst.label.index
-            own[inst.case_id] = {t: np.mean([f[t] for f in mine], axis=0) for t in mine[0]}
-            other[inst.case_id] = {t: np.mean([f[t] for f in theirs], axis=0) for t in mine[0]} if theirs else None
-    taps = list(next(iter(own.values())))
-    vectors: dict[str, dict[str, np.ndarray]] = {c: {} for c in own}
-    for tap in taps:  # the bilateral probe's two designs, per tap
-        per_tap = designs({c: f[tap] for c, f in own.items()},
-                          {c: None if o is None else o[tap] for c, o in other.items()})
-        for c, d in per_tap.items():
-            vectors[c][tap], vectors[c][f"{tap} bilateral"] = d["own"], d["bilateral"]
+    vectors, labels = breast_vectors(data, per_image)
+    taps = list(next(iter(per_image.values())))
     print(f"{len(vectors)} breasts; taps {taps}")
     run_probe("depth_probe", data.splits[: args.folds], vectors, labels, (0.001, 0.01, 0.1), overrides=args.sets)
 

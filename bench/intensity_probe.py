@@ -19,7 +19,6 @@ also with the other breast's difference appended (the preset's bilateral design)
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -29,15 +28,18 @@ from scipy import ndimage, stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from adabn_probe import breast_vectors  # noqa: E402
-from common import ROOT, patient_macro_auc, quiet_logs  # noqa: E402
-from probe import probe_folds, record_probe, standardised_logistic  # noqa: E402
-from search import DATA, row_config  # noqa: E402
+from common import patient_macro_auc  # noqa: E402
+from probe import (  # noqa: E402
+    branch_data,
+    breast_vectors,
+    probe_arguments,
+    probe_folds,
+    record_probe,
+    standardised_logistic,  # noqa: E402
+)
 
 from breastfusion.evaluation.aggregate import PROBA_COLUMNS  # noqa: E402
 from breastfusion.evaluation.metrics import macro_auc  # noqa: E402
-from breastfusion.records import read_manifest  # noqa: E402
-from breastfusion.training.preparation import prepare  # noqa: E402
 from breastfusion.vocab import Modality  # noqa: E402
 
 PERCENTILES = (10, 25, 50, 75, 90, 95, 99, 99.5, 99.9)
@@ -65,19 +67,12 @@ def intensity_statistics(image: np.ndarray) -> np.ndarray:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", choices=("cdd-cesm", "mias"), default="cdd-cesm")
-    ap.add_argument("--set", dest="sets", action="append", default=[])
-    ap.add_argument("--folds", type=int, default=10)
-    ap.add_argument("--with-run", type=Path, default=None,
-                    help="a bench/search.py run folder of the same data: also average its saved test-split "
-                         "probabilities with the statistics' regression's")
-    args = ap.parse_args()
-    quiet_logs()
-    cfg = row_config("mg-frozen-partialtrain", args.sets)  # the preset's MG branch: its activation cache
-    if not cfg.model.bilateral or cfg.model.backbone_for(Modality.MG).frozen != "all":
-        raise SystemExit("the probe reads the preset's frozen=all cache and needs --set model.bilateral=true")
-    data = prepare(read_manifest(ROOT / "runs" / "public" / DATA[args.data][0]), cfg, progress=False)
+    args = probe_arguments(__doc__, extra=lambda ap: ap.add_argument(
+        "--with-run", type=Path, default=None, help="a bench/search.py run folder of the same data: also average "
+        "its saved test-split probabilities with the statistics' regression's"))
+    cfg, data = branch_data(args.data, args.sets)
+    if cfg.model.backbone_for(Modality.MG).frozen != "all":
+        raise SystemExit("the probe pools the frozen head map: leave model.backbone.frozen at all")
     per_image = {}
     for inst in data.instances:
         for r in inst.mg:

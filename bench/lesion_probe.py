@@ -22,7 +22,6 @@ Only training needs annotations; a prediction needs the film alone.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -31,16 +30,12 @@ from sklearn.model_selection import GroupKFold
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bilateral_probe import designs  # noqa: E402
-from common import ROOT, quiet_logs  # noqa: E402
-from probe import record_probe, standardised_logistic  # noqa: E402
-from search import DATA, row_config  # noqa: E402
+from common import ROOT  # noqa: E402
+from probe import branch_data, designs, probe_arguments, record_probe, standardised_logistic  # noqa: E402
 
 from breastfusion.evaluation.metrics import macro_auc  # noqa: E402
 from breastfusion.explain.folds import mias_circles  # noqa: E402
 from breastfusion.explain.localisation import to_model_space  # noqa: E402
-from breastfusion.records import read_manifest  # noqa: E402
-from breastfusion.training.preparation import prepare  # noqa: E402
 from breastfusion.vocab import Modality  # noqa: E402
 
 MIAS_ROOT = ROOT.parent / "shared" / "datasets" / "mini-MIAS"
@@ -100,15 +95,8 @@ def summary(clf, films, case) -> np.ndarray:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--set", dest="sets", action="append", default=[])
-    ap.add_argument("--folds", type=int, default=10)
-    args = ap.parse_args()
-    quiet_logs()
-    cfg = row_config("mg-frozen-partialtrain", args.sets)
-    if not cfg.model.bilateral:
-        raise SystemExit("the probe needs the other breast: add --set model.bilateral=true")
-    data = prepare(read_manifest(ROOT / "runs" / "public" / DATA["mias"][0]), cfg, progress=False)
+    args = probe_arguments(__doc__, ("mias",))
+    cfg, data = branch_data(args.data, args.sets)
     films = cell_table(data, cfg.model.backbone_for(Modality.MG).image_size)
     other_of = {}  # case -> the other breast's case (same woman)
     by_group: dict[str, list[str]] = {}

@@ -24,7 +24,6 @@ portion, scored on the **test split** (never the validation fold):
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import dataclass
@@ -35,15 +34,12 @@ from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ROOT, append_jsonl, command, fold_means, quiet_logs  # noqa: E402
-from probe import standardised_logistic  # noqa: E402
-from search import DATA, row_config  # noqa: E402
+from common import ROOT, append_jsonl, command, fold_means  # noqa: E402
+from probe import branch_data, probe_arguments, standardised_logistic  # noqa: E402
 
 from breastfusion.datasets.mias import mias_lesions  # noqa: E402
 from breastfusion.explain.localisation import circle_mask, to_model_space  # noqa: E402
 from breastfusion.provenance import git_commit, now  # noqa: E402
-from breastfusion.records import read_manifest  # noqa: E402
-from breastfusion.training.preparation import prepare  # noqa: E402
 from breastfusion.vocab import Label, Modality  # noqa: E402
 
 MIAS_ROOT = ROOT.parent / "shared" / "datasets" / "mini-MIAS"
@@ -90,15 +86,10 @@ def suspicious_tile_auc(films: dict[str, Film], train, test, field: str, c_reg: 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--set", dest="sets", action="append", default=[])
-    ap.add_argument("--folds", type=int, default=10)
-    ap.add_argument("--c", type=float, default=0.01, help="inverse L2 strength of every regression")
-    args = ap.parse_args()
-    quiet_logs()
-    cfg = row_config("mg-frozen-partialtrain", args.sets)
+    args = probe_arguments(__doc__, ("mias",), extra=lambda ap: ap.add_argument(
+        "--c", type=float, default=0.01, help="inverse L2 strength of every regression"))
+    cfg, data = branch_data(args.data, args.sets, bilateral=False)
     bb = cfg.model.backbone_for(Modality.MG)
-    data = prepare(read_manifest(ROOT / "runs" / "public" / DATA["mias"][0]), cfg, progress=False)
     lesions = {Path(p).stem: v for p, v in mias_lesions(MIAS_ROOT).items()}
     pre = data.source.cache(Modality.MG).preprocessor
     films: dict[str, Film] = {}

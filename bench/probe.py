@@ -7,16 +7,87 @@ its **test split** (never the validation fold).
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import numpy as np
-from common import append_jsonl, command, fold_means
+from common import ROOT, append_jsonl, command, fold_means, quiet_logs
+from search import DATA, row_config
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from breastfusion.evaluation.metrics import macro_auc
 from breastfusion.provenance import git_commit, now
+from breastfusion.records import read_manifest
+from breastfusion.training.preparation import CVData, prepare
+
+BRANCH = "mg-frozen-partialtrain"  # the search variant of the preset's MG branch (its activation cache)
+
+
+def probe_arguments(doc: str, datasets: tuple[str, ...] = ("cdd-cesm", "mias"), folds: int = 10,
+                    extra=None) -> argparse.Namespace:
+    """A probe's command line: --data (when it can run on more than one dataset), --set
+    KEY=VALUE (the branch's settings, as search.py takes them), --folds, and what `extra(parser)`
+    adds; parsed, with the library's logs quietened."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    if len(datasets) > 1:
+        ap.add_argument("--data", choices=datasets, default=datasets[0])
+    ap.add_argument("--set", dest="sets", action="append", default=[])
+    ap.add_argument("--folds", type=int, default=folds)
+    if extra is not None:
+        extra(ap)
+    args = ap.parse_args()
+    if len(datasets) == 1:
+        args.data = datasets[0]
+    quiet_logs()
+    return args
+
+
+def branch_data(data: str, sets: list[str], variant: str = BRANCH, bilateral: bool = True):
+    """The branch's config (`variant` with `sets`) and its prepared data on DATA: instances,
+    folds and the cached features or activations (read from the cache the search runs filled)."""
+    cfg = row_config(variant, sets)
+    if bilateral and not cfg.model.bilateral:
+        raise SystemExit("the probe needs the other breast: add --set model.bilateral=true")
+    return cfg, prepare(read_manifest(ROOT / "runs" / "public" / DATA[data][0]), cfg, progress=False)
+
+
+def designs(feats, other) -> dict[str, dict[str, np.ndarray]]:
+    """case -> {"own": its features, "bilateral": [own, own - other, has other]} (zeros and a 0
+    flag where the other breast is missing)."""
+    out = {}
+    for c, own in feats.items():
+        has = other[c] is not None
+        diff = own - other[c] if has else np.zeros_like(own)
+        out[c] = {"own": own, "bilateral": np.concatenate([own, diff, [float(has)]])}
+    return out
+
+
+def breast_vectors(data: CVData, per_image: dict[str, dict[str, np.ndarray]], tag: str = ""
+                   ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, int]]:
+    """Per breast, from each image's named vectors (path -> {name: vector}): every name's mean
+    over the breast's own views ("TAG NAME") and the bilateral design ("TAG NAME bilateral":
+    that mean, its difference from the other breast's, and whether the other breast is there).
+    Needs instances built with model.bilateral (the own views first, then the other's).
+    Returns (case -> vectors, case -> label index)."""
+    own, other, labels = {}, {}, {}
+    for inst in data.instances:
+        v = len(inst.mg) // 2
+        mine = [per_image[r.path] for r in inst.mg[:v] if r is not None and r.path in per_image]
+        theirs = [per_image[r.path] for r in inst.mg[v:] if r is not None and r.path in per_image]
+        if mine:
+            labels[inst.case_id] = inst.label.index
+            own[inst.case_id] = {n: np.mean([f[n] for f in mine], axis=0) for n in mine[0]}
+            other[inst.case_id] = {n: np.mean([f[n] for f in theirs], axis=0) for n in mine[0]} if theirs else None
+    prefix = f"{tag} " if tag else ""
+    vectors: dict[str, dict[str, np.ndarray]] = {c: {} for c in own}
+    for name in next(iter(own.values()), {}):
+        per_name = designs({c: f[name] for c, f in own.items()},
+                           {c: None if o is None else o[name] for c, o in other.items()})
+        for c, d in per_name.items():
+            vectors[c][f"{prefix}{name}"], vectors[c][f"{prefix}{name} bilateral"] = d["own"], d["bilateral"]
+    return vectors, labels
 
 
 def standardised_logistic(c: float, balanced: bool = False) -> Pipeline:

@@ -24,7 +24,6 @@ breast's views; tiles = the map averaged over k x k cells, as `attention_cell`):
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -32,12 +31,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ROOT, quiet_logs  # noqa: E402
-from probe import run_probe  # noqa: E402
-from search import DATA, row_config  # noqa: E402
+from probe import branch_data, probe_arguments, run_probe  # noqa: E402
 
-from breastfusion.records import read_manifest  # noqa: E402
-from breastfusion.training.preparation import prepare  # noqa: E402
 from breastfusion.vocab import Modality  # noqa: E402
 
 C_VALUES = (0.001, 0.01, 0.1)
@@ -83,16 +78,8 @@ def breast_vectors(data, cell: int) -> dict[str, dict[str, np.ndarray]]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", choices=("cdd-cesm", "mias"), default="cdd-cesm")
-    ap.add_argument("--set", dest="sets", action="append", default=[])
-    ap.add_argument("--folds", type=int, default=10)
-    args = ap.parse_args()
-    quiet_logs()
-    cfg = row_config("mg-frozen-partialtrain", args.sets)
-    if not cfg.model.bilateral:
-        raise SystemExit("the probe needs the other breast: add --set model.bilateral=true")
-    data = prepare(read_manifest(ROOT / "runs" / "public" / DATA[args.data][0]), cfg, progress=False)
+    args = probe_arguments(__doc__)
+    cfg, data = branch_data(args.data, args.sets)
     cell = cfg.model.backbone_for(Modality.MG).attention_cell
     vectors = breast_vectors(data, cell)
     labels = {i.case_id: i.label.index for i in data.instances}

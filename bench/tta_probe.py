@@ -16,7 +16,6 @@ copies too: k + 1 backbone passes per image.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -27,19 +26,16 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ROOT, patient_macro_auc, quiet_logs  # noqa: E402
-from probe import record_probe  # noqa: E402
-from search import DATA, row_config  # noqa: E402
+from common import ROOT, patient_macro_auc  # noqa: E402
+from probe import branch_data, probe_arguments, record_probe  # noqa: E402
 
 from breastfusion.evaluation.aggregate import PROBA_COLUMNS  # noqa: E402
 from breastfusion.inference.layout import MODEL_FILE  # noqa: E402
 from breastfusion.inference.networks import trained_net  # noqa: E402
 from breastfusion.models.weights import read_state_dict  # noqa: E402
-from breastfusion.records import read_manifest  # noqa: E402
 from breastfusion.training.data import FeatureInstances  # noqa: E402
 from breastfusion.training.fold import _prediction_table  # noqa: E402
 from breastfusion.training.loop import predict_logits  # noqa: E402
-from breastfusion.training.preparation import prepare  # noqa: E402
 
 
 class OneCopy(FeatureInstances):
@@ -56,15 +52,9 @@ class OneCopy(FeatureInstances):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", choices=("cdd-cesm", "mias"), default="cdd-cesm")
-    ap.add_argument("--run", required=True, help="a search run's label (runs/search/DATA/LABEL)")
-    ap.add_argument("--set", dest="sets", action="append", default=[])
-    ap.add_argument("--folds", type=int, default=10)
-    args = ap.parse_args()
-    quiet_logs()
-    cfg = row_config("mg-frozen-partialtrain", args.sets)
-    data = prepare(read_manifest(ROOT / "runs" / "public" / DATA[args.data][0]), cfg, progress=False)
+    args = probe_arguments(__doc__, extra=lambda ap: ap.add_argument(
+        "--run", required=True, help="a search run's label (runs/search/DATA/LABEL)"))
+    cfg, data = branch_data(args.data, args.sets, bilateral=False)
     run_dir = ROOT / "runs" / "search" / args.data / args.run
     copies = 1 + cfg.train.feature_copies
     folds = []
