@@ -108,7 +108,7 @@ def chosen(found: list[CacheEntry], names: Iterable[str] = (), older_than_days: 
         for e in found:
             if e.age_days(now) > older_than_days:
                 picked[e.path] = e
-    return list(picked.values())
+    return sorted(picked.values(), key=lambda e: -e.bytes)  # largest first, as `entries`
 
 
 def prune(victims: Iterable[CacheEntry]) -> int:
