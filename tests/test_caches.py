@@ -87,6 +87,8 @@ def test_cli_dry_run_removes_nothing_and_prune_does(cache):
     runner = CliRunner()
     listed = runner.invoke(main, ["cache", "list", "--cache-dir", str(cache)])
     assert listed.exit_code == 0 and "aaaa2222" in listed.output
+    quiet = runner.invoke(main, ["cache", "-q", "list", "--cache-dir", str(cache)])  # the group's flag
+    assert quiet.exit_code == 0 and quiet.output == listed.output
     dry = runner.invoke(main, ["cache", "prune", "--cache-dir", str(cache), "--older-than", "5", "--dry-run"])
     assert dry.exit_code == 0 and "would free" in dry.output
     assert (cache / "features/aaaa1111").exists()

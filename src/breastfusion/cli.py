@@ -36,8 +36,9 @@ def _quiet() -> bool:
     return bool(click.get_current_context().meta.get("breastfusion.quiet", False))
 
 
-class _Command(click.Command):
-    """Every command takes --verbose / --quiet and runs with the console log at that level."""
+class _Logged:
+    """Takes --verbose / --quiet and runs with the console log at that level (mixed into click's
+    Command and Group)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -47,10 +48,23 @@ class _Command(click.Command):
         ]
 
     def invoke(self, ctx):
-        verbose, quiet = ctx.params.pop("verbose", False), ctx.params.pop("quiet", False)
-        ctx.meta["breastfusion.quiet"] = quiet
+        # a group's flags hold for the commands under it (ctx.meta is shared down the chain)
+        verbose = ctx.params.pop("verbose", False) or ctx.meta.get("breastfusion.verbose", False)
+        quiet = ctx.params.pop("quiet", False) or ctx.meta.get("breastfusion.quiet", False)
+        ctx.meta["breastfusion.verbose"], ctx.meta["breastfusion.quiet"] = verbose, quiet
         with logs.console(logs.level_of(verbose, quiet)):
             return super().invoke(ctx)
+
+
+class _Command(_Logged, click.Command):
+    """Every command takes --verbose / --quiet."""
+
+
+class _SubGroup(_Logged, click.Group):
+    """Commands grouped under one name (`cache list`, `cache prune`): the group and each of its
+    commands take --verbose / --quiet."""
+
+    command_class = _Command
 
 
 class _Group(click.Group):
@@ -650,7 +664,7 @@ if __name__ == "__main__":  # pragma: no cover
     main()
 
 
-@main.group("cache")
+@main.group("cache", cls=_SubGroup)
 def cache_group() -> None:
     """What the preprocessing and feature caches hold (`cache list`), and removing entries
     (`cache prune`). A removed entry is recomputed by the next run that needs it."""
