@@ -34,7 +34,7 @@ from breastfusion.inference.layout import MODEL_FILE  # noqa: E402
 from breastfusion.inference.networks import trained_net  # noqa: E402
 from breastfusion.models.weights import read_state_dict  # noqa: E402
 from breastfusion.training.data import FeatureInstances  # noqa: E402
-from breastfusion.training.fold import _prediction_table  # noqa: E402
+from breastfusion.training.fold import prediction_rows  # noqa: E402
 from breastfusion.training.loop import predict_logits  # noqa: E402
 
 
@@ -66,7 +66,7 @@ def main() -> None:
         for k in range(copies):
             loader = DataLoader(OneCopy(items, data.features, k), batch_size=64)
             logits, index = predict_logits(net, loader, torch.device("cpu"))
-            probs.append(_prediction_table(logits, index, items, split.fold).sort_values("instance_id"))
+            probs.append(prediction_rows(logits, index, items, split.fold).sort_values("instance_id"))
         mean = probs[0].copy()
         mean[PROBA_COLUMNS] = np.mean([p[PROBA_COLUMNS].to_numpy() for p in probs], axis=0)
         fold = {"fold": split.fold, "plain": patient_macro_auc(probs[0]), f"mean of {copies}": patient_macro_auc(mean)}

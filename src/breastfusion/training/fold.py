@@ -87,7 +87,7 @@ def run_fold(data: CVData, split: FoldSplit, cfg: RunConfig, fold_dir: Path, pro
     return rows
 
 
-def _prediction_table(logits: np.ndarray, index: np.ndarray, items: list[Instance], fold: int) -> pd.DataFrame:
+def prediction_rows(logits: np.ndarray, index: np.ndarray, items: list[Instance], fold: int) -> pd.DataFrame:
     """One row per instance: ids, label, softmax probabilities and the logits behind them."""
     table = pd.DataFrame({
         "fold": fold,
@@ -138,7 +138,7 @@ class _Trainer:
         t = self.cfg.train
         logits, index = predict_logits(model, self.loader(items, False), self.device, precision=t.precision,
                                        channels_last=t.channels_last, dist=self.dist)
-        return _prediction_table(logits, index, items, fold)
+        return prediction_rows(logits, index, items, fold)
 
     @torch.no_grad()
     def frozen_branch_features(self, model: BreastFusionNet, items: list[Instance], images: int = 32
