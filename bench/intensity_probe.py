@@ -35,9 +35,10 @@ from probe import (  # noqa: E402
     probe_arguments,
     probe_folds,
     record_probe,
-    standardised_logistic,  # noqa: E402
+    standardised_logistic,
 )
 
+from breastfusion.choices import FrozenStage  # noqa: E402
 from breastfusion.evaluation.aggregate import PROBA_COLUMNS  # noqa: E402
 from breastfusion.evaluation.metrics import macro_auc  # noqa: E402
 from breastfusion.vocab import Modality  # noqa: E402
@@ -71,7 +72,7 @@ def main() -> None:
         "--with-run", type=Path, default=None, help="a bench/search.py run folder of the same data: also average "
         "its saved test-split probabilities with the statistics' regression's"))
     cfg, data = branch_data(args.data, args.sets)
-    if cfg.model.backbone_for(Modality.MG).frozen != "all":
+    if cfg.model.backbone_for(Modality.MG).frozen != FrozenStage.ALL:
         raise SystemExit("the probe pools the frozen head map: leave model.backbone.frozen at all")
     per_image = {}
     for inst in data.instances:

@@ -31,7 +31,7 @@ from sklearn.model_selection import GroupKFold
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import ROOT  # noqa: E402
-from probe import branch_data, designs, probe_arguments, record_probe, standardised_logistic  # noqa: E402
+from probe import branch_data, breast_vectors, designs, probe_arguments, record_probe, standardised_logistic  # noqa: E402
 
 from breastfusion.evaluation.metrics import macro_auc  # noqa: E402
 from breastfusion.explain.folds import mias_circles  # noqa: E402
@@ -112,6 +112,8 @@ def main() -> None:
     cells = {c: int((f[2] > 0).sum()) for c, f in films.items()}
     print(f"{len(films)} films, {sum(v > 0 for v in cells.values())} with lesion cells "
           f"({sum(cells.values())} cells); {sum((f[2] < 0).all() for f in films.values())} abnormal, not localised")
+    per_image = {p: {"pooled": np.asarray(f[0], dtype=np.float32).mean(axis=(1, 2))} for p, f in data.features.items()}
+    pooled, _ = breast_vectors(data, per_image)  # the head map's mean per breast, with the bilateral design
     rng = np.random.default_rng(0)
     folds = []
     for split in data.splits[: args.folds]:
@@ -132,15 +134,14 @@ def main() -> None:
             if o is not None and o not in summ:
                 summ[o] = summary(clf, films, o)
         vec = designs(summ, {c: summ.get(other_of.get(c)) if other_of.get(c) else None for c in summ})
-        pooled = designs({c: films[c][0].mean(axis=0) for c in films},
-                         {c: films[other_of[c]][0].mean(axis=0) if other_of.get(c) else None for c in films})
         y_train = np.array([labels[c] for c in train])
         y_test = np.array([labels[c] for c in test])
         fold = {"fold": split.fold}
         probs = {}
-        for name, table, c_reg in (("lesion cells bilateral", vec, 1.0), ("pooled bilateral", pooled, 0.1)):
-            model = standardised_logistic(c_reg).fit(np.stack([table[c]["bilateral"] for c in train]), y_train)
-            probs[name] = model.predict_proba(np.stack([table[c]["bilateral"] for c in test]))
+        for name, table, key, c_reg in (("lesion cells bilateral", vec, "bilateral", 1.0),
+                                        ("pooled bilateral", pooled, "pooled bilateral", 0.1)):
+            model = standardised_logistic(c_reg).fit(np.stack([table[c][key] for c in train]), y_train)
+            probs[name] = model.predict_proba(np.stack([table[c][key] for c in test]))
             fold[name] = macro_auc(y_test, probs[name])
         fold["mean of both"] = macro_auc(y_test, (probs["lesion cells bilateral"] + probs["pooled bilateral"]) / 2)
         print(fold, flush=True)

@@ -660,10 +660,6 @@ def compare(runs: tuple[str, ...], labels: tuple[str, ...], out_md: str | None) 
     click.echo(text, nl=False)
 
 
-if __name__ == "__main__":  # pragma: no cover
-    main()
-
-
 @main.group("cache", cls=_SubGroup)
 def cache_group() -> None:
     """What the preprocessing and feature caches hold (`cache list`), and removing entries
@@ -709,3 +705,7 @@ def cache_prune(cache_dir: str, names: tuple[str, ...], older_than: float | None
         click.echo(f"dry run: would free {human_bytes(sum(e.bytes for e in victims))}")
         return
     click.echo(f"removed {len(victims)} entries, freed {human_bytes(prune(victims))}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

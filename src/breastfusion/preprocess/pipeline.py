@@ -165,6 +165,7 @@ class PreprocessCache:
         self.reused = 0  # images read back from disk
         self._hashes: dict[str, tuple[int, int, str]] = {}
         self._key_written = False
+        self._use_marked = False  # key.json touched for this object's first cache hit
 
     def content_hash(self, path: str | os.PathLike) -> str:
         """SHA-256 of the file's bytes, memoised per (path, mtime, size)."""
@@ -257,8 +258,8 @@ class PreprocessCache:
         """Once per cache object, the entry's key.json touched: its time says when the entry was
         last used (`breastfusion cache list`), not only when it was last added to. A read-only
         cache is read all the same."""
-        if not self._key_written:
-            self._key_written = True
+        if not self._use_marked:
+            self._use_marked = True
             with contextlib.suppress(OSError):
                 os.utime(self.dir / "key.json")
 
